@@ -1,0 +1,138 @@
+"""The one interface every model family is used through.
+
+A :class:`Backbone` owns the frozen conditioning parts of a model (tokenizers,
+text encoders, VAE) and its noise schedule, and builds copies of the denoising
+network for the roles (teacher, generator, fake score). Methods call
+:meth:`Backbone.predict_x0` with whichever role's network they need; the
+adapter hides timestep scaling, prediction type, pooled embeddings, latent
+packing and VAE scaling.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rdm_lightning.core.dmd import classifier_free_guidance
+from rdm_lightning.core.parameterization import Prediction, prediction_to_x0, training_target
+from rdm_lightning.core.schedules import NoiseSchedule, _per_sample
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: named tensors, each with the batch as first dimension."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index) -> "Conditioning":
+        return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning({k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+def require_path(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, or a FileNotFoundError naming it and what it should hold."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found at {str(path)!r}")
+    return path
+
+
+class Backbone(nn.Module, ABC):
+    """Adapter of one model family. Its own modules are frozen."""
+
+    schedule: NoiseSchedule
+    prediction: Prediction
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape ``(C, H, W)`` of one latent the generator produces."""
+
+    @abstractmethod
+    def load_denoiser(self) -> nn.Module:
+        """A fresh copy of the pretrained denoising network (float32, trainable)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Text conditioning for a batch of prompts."""
+
+    def empty_conditioning(self, n: int) -> Conditioning:
+        """Unconditional branch for CFG: the empty prompt ``""`` by default."""
+        return self.encode_prompts([""] * n)
+
+    @abstractmethod
+    def network_output(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """The network's raw prediction (ε, v or velocity) at ``x_t``."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents to images in ``[0, 1]``, shape ``(B, C, H, W)``, float32."""
+
+    @abstractmethod
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in ``[0, 1]`` to latents (the inverse of :meth:`decode`)."""
+
+    def features(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """Bottleneck features of ``network`` at ``x_t`` (for a GAN head)."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no bottleneck features for a GAN head")
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of :meth:`features`."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no bottleneck features for a GAN head")
+
+    def export(self, network: nn.Module, output_dir: str | Path, num_steps: int, levels: Tensor) -> Path:
+        """Write the student ``network`` as a loadable model folder."""
+        raise NotImplementedError(f"{type(self).__name__} has no export")
+
+    def _alpha_sigma(self, level: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        return _per_sample(self.schedule.alpha_sigma(level), like)
+
+    def predict_x0(
+        self,
+        network: nn.Module,
+        x_t: Tensor,
+        level: Tensor,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond: Conditioning | None = None,
+    ) -> Tensor:
+        """x̂0 (float32) of ``network`` at ``x_t``, with CFG when ``guidance_scale != 1``.
+
+        The unconditional and conditional branches run as one batch.
+        """
+        if guidance_scale == 1.0:
+            output = self.network_output(network, x_t, level, cond)
+        else:
+            uncond = self.empty_conditioning(len(x_t)) if uncond is None else uncond
+            both = self.network_output(
+                network, torch.cat([x_t, x_t]), torch.cat([level, level]), Conditioning.cat([uncond, cond])
+            )
+            out_u, out_c = both.float().chunk(2)
+            output = classifier_free_guidance(out_u, out_c, guidance_scale)
+        alpha, sigma = self._alpha_sigma(level, x_t)
+        return prediction_to_x0(self.prediction, output.float(), x_t.float(), alpha, sigma)
+
+    def denoising_loss(
+        self, network: nn.Module, x0: Tensor, cond: Conditioning, level: Tensor, noise: Tensor
+    ) -> Tensor:
+        """MSE of the network's prediction against its target (ε, v or velocity)."""
+        x_t = self.schedule.add_noise(x0, noise, level)
+        alpha, sigma = self._alpha_sigma(level, x0)
+        target = training_target(self.prediction, x0, noise, alpha, sigma)
+        return F.mse_loss(self.network_output(network, x_t, level, cond).float(), target)
