@@ -1,0 +1,17 @@
+"""LightningModules of the distillation methods."""
+from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.dmd import DMD, DMDConfig
+from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW
+from rdm_lightning.methods.teacher import DigitsTeacherPretraining, ensure_digits_teacher
+
+__all__ = [
+    "DMD",
+    "DMDConfig",
+    "DigitsTeacherPretraining",
+    "DistillationModule",
+    "OptimizerConfig",
+    "RoleAwareAdamW",
+    "StudentConfig",
+    "TeacherSamplingConfig",
+    "ensure_digits_teacher",
+]

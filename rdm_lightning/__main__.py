@@ -1,0 +1,3 @@
+from rdm_lightning.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""Digits evaluation during and after fit: digits-FD, prompt accuracy, NFE, sampling time."""
+from __future__ import annotations
+
+import json
+import time
+
+import lightning as L
+import torch
+
+from rdm_lightning.callbacks.samples import run_dir
+from rdm_lightning.data.digits import digit_prompt
+from rdm_lightning.evaluation.digits import DigitsEvaluator
+from rdm_lightning.methods.base import DistillationModule
+
+
+def balanced_digit_prompts(num_samples: int) -> list[str]:
+    """``num_samples`` prompts cycling through the digits 0–9."""
+    return [digit_prompt(i % 10) for i in range(num_samples)]
+
+
+def evaluate_sampler(
+    pl_module: DistillationModule, evaluator: DigitsEvaluator, num_samples: int, seed: int, role: str = "generator"
+) -> dict:
+    """Sample ``num_samples`` class-balanced digits from fixed noise and score them."""
+    prompts = balanced_digit_prompts(num_samples)
+    noise = torch.randn((num_samples, *pl_module.backbone.latent_shape), generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    images = pl_module.backbone.decode(pl_module.generate(prompts, noise.to(pl_module.device), role=role))
+    seconds = time.perf_counter() - start
+    metrics = evaluator.evaluate(images.cpu(), prompts)
+    return {**metrics, "nfe": pl_module.nfe(role), "sampling_seconds_per_image": seconds / num_samples}
+
+
+class DigitsEvaluation(L.Callback):
+    """Scores the (EMA) generator on the digits metrics and writes ``metrics.json`` in the run folder.
+
+    Args:
+        every_n_updates: interval in generator updates; 0 evaluates only at the end of fit.
+        num_samples: generated images per evaluation (class-balanced prompts).
+        seed: seed of the fixed evaluation noise.
+        evaluate_teacher: also score the teacher's default sampler at the end of fit.
+    """
+
+    def __init__(self, every_n_updates: int = 0, num_samples: int = 1000, seed: int = 1234, evaluate_teacher: bool = True):
+        if every_n_updates < 0 or num_samples < 10:
+            raise ValueError(f"every_n_updates must be >= 0 and num_samples >= 10, got {every_n_updates}, {num_samples}")
+        self.every_n_updates = every_n_updates
+        self.num_samples = num_samples
+        self.seed = seed
+        self.evaluate_teacher = evaluate_teacher
+        self.history: list[dict] = []
+        self._evaluator: DigitsEvaluator | None = None
+
+    @property
+    def evaluator(self) -> DigitsEvaluator:
+        if self._evaluator is None:
+            self._evaluator = DigitsEvaluator.default()
+        return self._evaluator
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: DistillationModule) -> dict:
+        metrics = evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed)
+        entry = {"generator_updates": pl_module.generator_updates, **metrics}
+        self.history.append(entry)
+        pl_module.log_dict({f"eval/{k}": float(v) for k, v in metrics.items()}, rank_zero_only=True)
+        return entry
+
+    def on_train_batch_end(self, trainer, pl_module: DistillationModule, outputs, batch, batch_idx) -> None:
+        updates = pl_module.generator_updates
+        due = self.every_n_updates and updates % self.every_n_updates == 0
+        if due and trainer.is_global_zero and (not self.history or self.history[-1]["generator_updates"] != updates):
+            self._evaluate(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module: DistillationModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        report = {"student": evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed)}
+        report["student"]["generator_updates"] = pl_module.generator_updates
+        if self.evaluate_teacher:
+            report["teacher"] = evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed, role="teacher")
+        report["history"] = self.history
+        path = run_dir(trainer) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])

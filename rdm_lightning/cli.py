@@ -1,0 +1,58 @@
+"""The ``rdm`` command: LightningCLI for ``fit``/``validate`` plus ``sample``, ``evaluate`` and ``export``.
+
+``rdm fit --config configs/digits/dmd.yaml`` trains (and, for the digits default,
+first pretrains the cached teacher). The other subcommands work on checkpoints
+and sample files:
+
+- ``rdm sample --checkpoint CKPT --prompt P --num-per-prompt N --output DIR``
+- ``rdm evaluate --samples DIR/samples.npz``
+- ``rdm export --checkpoint CKPT --output DIR``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+TOOL_COMMANDS = ("sample", "evaluate", "export")
+
+
+class RDMLightningCLI(LightningCLI):
+    """LightningCLI in subclass mode for models and data; pretrains the digits teacher when needed."""
+
+    def __init__(self, args=None, **kwargs):
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        backbone = getattr(config.model.init_args, "backbone", None)
+        if backbone is not None and backbone.class_path.endswith("DigitsBackbone") and backbone.init_args.path is None:
+            from rdm_lightning.methods.teacher import ensure_digits_teacher
+
+            ensure_digits_teacher(backbone.init_args.prediction)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOL_COMMANDS:
+        from rdm_lightning import tools
+
+        tools.main(argv)
+    else:
+        RDMLightningCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""``DistillationModule``: roles, manual optimization and sampling shared by every method.
+
+Roles: the frozen ``teacher`` (real score), the ``generator`` (student), the
+``fake_score`` (critic) and an optional discriminator head that trains with
+the fake score. Methods compute losses; :meth:`DistillationModule.step_role`
+does the rest (live parameters, backward, clipping, step, schedule), under
+any strategy: two AdamW under DDP/FSDP, one :class:`RoleAwareAdamW` under
+DeepSpeed, which accepts a single optimizer.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import Tensor, nn
+
+from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.core.sampling import STEP_RULES, few_step_sample
+from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW, role_param_group
+
+TRAINABLE_ROLES = ("generator", "fake_score")
+FROZEN_PREFIXES = ("teacher.", "backbone.")
+
+
+@dataclass
+class StudentConfig:
+    """How the few-step generator samples."""
+
+    num_steps: int = 4
+    """Number of generator steps (1–4 in the papers)."""
+    levels: list[float] | None = None
+    """Explicit conditioning levels, highest first (e.g. ``[399]`` for SDXL 1-step);
+    ``None`` takes the schedule's evenly spaced grid for ``num_steps``."""
+    step_rule: str = "sde"
+    """Between steps: ``sde`` re-noises x̂0 with fresh noise (DMD2), ``ode`` is the Euler/DDIM step."""
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.levels is not None and len(self.levels) != self.num_steps:
+            raise ValueError(f"levels {self.levels} must have num_steps={self.num_steps} entries")
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+
+
+@dataclass
+class TeacherSamplingConfig:
+    """The teacher's default sampler (the multi-step baseline)."""
+
+    num_steps: int = 32
+    """Number of teacher steps."""
+    guidance_scale: float = 2.0
+    """Classifier-free guidance scale ``w`` (1 = none)."""
+    step_rule: str = "ode"
+    """``ode``: Euler (flow) / DDIM η=0 (VP); ``sde``: re-noise x̂0 each step."""
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+
+
+class DistillationModule(L.LightningModule):
+    """Base of every distillation method.
+
+    Args:
+        backbone: the model family adapter; it loads the teacher and the
+            initial generator and fake-score networks.
+        generator_optimizer: AdamW settings of the generator.
+        fake_score_optimizer: AdamW settings of the fake score (and discriminator head).
+        student: how the generator samples.
+        teacher_sampling: the teacher's default sampler (baseline, ``rdm sample --role teacher``).
+        teacher_dtype: dtype of the frozen teacher (``float32``, ``bfloat16``, ``float16``).
+        seed: seed of the module's own random stream (noise, levels, steps); each
+            rank offsets it by its rank, and it is checkpointed so resumed runs match.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        generator_optimizer: OptimizerConfig = OptimizerConfig(),
+        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
+        student: StudentConfig = StudentConfig(),
+        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
+        teacher_dtype: str = "float32",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.backbone = backbone.requires_grad_(False)
+        dtype = _parse_dtype(teacher_dtype)
+        self.teacher = backbone.load_denoiser().to(dtype).requires_grad_(False).eval()
+        self.teacher_dtype = dtype
+        self.generator = backbone.load_denoiser()
+        self.fake_score = backbone.load_denoiser()
+        self.discriminator_head: nn.Module | None = None
+        self.generator_ema: nn.Module | None = None
+        self.optimizer_configs = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
+        self.student = student
+        self.teacher_sampling = teacher_sampling
+        self.seed = seed
+        self.role_updates = {role: 0 for role in TRAINABLE_ROLES}
+        self.iterations = 0
+        self.rng = torch.Generator().manual_seed(seed)
+
+    # ---- counters -------------------------------------------------------------------------
+    @property
+    def generator_updates(self) -> int:
+        """Generator optimizer steps so far (Lightning's ``global_step`` counts every role's)."""
+        return self.role_updates["generator"]
+
+    def on_fit_start(self) -> None:
+        if self.iterations == 0:
+            self.rng.manual_seed(self.seed + self.global_rank)
+
+    # ---- randomness -----------------------------------------------------------------------
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        """Standard normal noise from the module's own (checkpointed) stream."""
+        return torch.randn(tuple(shape), generator=self.rng).to(self.device)
+
+    def sample_levels(self, n: int, low: float, high: float) -> Tensor:
+        """Training levels with ``u ~ U[low, high]`` from the module's stream."""
+        return self.backbone.schedule.sample_levels(n, low, high, generator=self.rng).to(self.device)
+
+    def shared_randint(self, high: int) -> int:
+        """An integer in ``[0, high)`` drawn on rank 0 and broadcast, so every rank agrees."""
+        value = int(torch.randint(high, (1,), generator=self.rng))
+        return int(self.trainer.strategy.broadcast(value, src=0)) if self._trainer is not None else value
+
+    # ---- roles ----------------------------------------------------------------------------
+    def role_modules(self) -> dict[str, list[nn.Module]]:
+        """Modules each trainable role's optimizer owns."""
+        fake = [self.fake_score] + ([self.discriminator_head] if self.discriminator_head is not None else [])
+        return {"generator": [self.generator], "fake_score": fake}
+
+    @contextmanager
+    def trainable_role(self, role: str) -> Iterator[None]:
+        """Only ``role``'s parameters require grad inside (forward and backward)."""
+        if role not in TRAINABLE_ROLES:
+            raise ValueError(f"unknown role {role!r}; trainable roles: {TRAINABLE_ROLES}")
+        for name, modules in self.role_modules().items():
+            for module in modules:
+                module.requires_grad_(name == role)
+        try:
+            yield
+        finally:
+            for modules in self.role_modules().values():
+                for module in modules:
+                    module.requires_grad_(True)
+
+    def _optimizer_of(self, role: str):
+        optimizers = self.optimizers()
+        if isinstance(optimizers, list):
+            return optimizers[TRAINABLE_ROLES.index(role)]
+        optimizers.optimizer.active_role = role
+        return optimizers
+
+    def step_role(self, role: str, loss: Tensor) -> None:
+        """Backward ``loss`` into ``role`` only, clip, step its optimizer and LR schedule."""
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"{role} loss is {loss.detach().float().item()} at iteration {self.iterations} "
+                f"(generator update {self.generator_updates}); stopping the run"
+            )
+        optimizer = self._optimizer_of(role)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.optimizer_configs[role].grad_clip
+        if clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.role_updates[role] += 1
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    def configure_optimizers(self):
+        modules = self.role_modules()
+        groups = {role: role_param_group(role, modules[role], self.optimizer_configs[role]) for role in TRAINABLE_ROLES}
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            optimizer = RoleAwareAdamW(list(groups.values()))
+            lambdas = [self._warmup_lambda(g["role"]) for g in optimizer.param_groups]
+            return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)]
+        optimizers = [torch.optim.AdamW([groups[role]]) for role in TRAINABLE_ROLES]
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, self._warmup_lambda(role))
+            for opt, role in zip(optimizers, TRAINABLE_ROLES)
+        ]
+        return optimizers, schedulers
+
+    def _warmup_lambda(self, role: str):
+        config = self.optimizer_configs[role]
+        return lambda _: config.warmup_factor(self.role_updates[role])
+
+    # ---- EMA of the generator -------------------------------------------------------------
+    def enable_generator_ema(self) -> nn.Module:
+        """Create (once) the frozen EMA copy of the generator; it is checkpointed with the module."""
+        if self.generator_ema is None:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        return self.generator_ema
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator used for sampling, evaluation and export: its EMA when there is one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen teacher and backbone are reloaded from their paths; keep them out.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint["rdm"] = {"role_updates": dict(self.role_updates), "iterations": self.iterations, "rng": self.rng.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        if any(k.startswith("generator_ema.") for k in state):
+            self.enable_generator_ema()
+        for key, value in self.state_dict().items():
+            if key.startswith(FROZEN_PREFIXES):
+                state[key] = value
+        rdm = checkpoint.get("rdm")
+        if rdm is not None:
+            self.role_updates = dict(rdm["role_updates"])
+            self.iterations = rdm["iterations"]
+            self.rng.set_state(rdm["rng"])
+
+    # ---- sampling -------------------------------------------------------------------------
+    def teacher_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning, guidance_scale: float, uncond=None) -> Tensor:
+        """The real score's x̂0, in the teacher's dtype (autocast when reduced precision)."""
+        with torch.autocast(self.device.type, dtype=self.teacher_dtype, enabled=self.teacher_dtype != torch.float32):
+            return self.backbone.predict_x0(self.teacher, x_t, level, cond, guidance_scale, uncond).float()
+
+    def student_levels(self) -> Tensor:
+        """The generator's conditioning levels, highest first."""
+        if self.student.levels is not None:
+            return torch.tensor(self.student.levels, dtype=torch.float64)
+        return self.backbone.schedule.generator_levels(self.student.num_steps)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], noise: Tensor | None = None, role: str = "generator") -> Tensor:
+        """Latents for ``prompts``: the (EMA) generator's few-step sampler, or the teacher's default sampler."""
+        cond = self.backbone.encode_prompts(list(prompts))
+        if noise is None:
+            noise = self.randn((len(prompts), *self.backbone.latent_shape))
+        if role == "generator":
+            network = self.sampling_generator
+            return few_step_sample(
+                lambda x, t: self.backbone.predict_x0(network, x, t, cond),
+                noise, self.student_levels(), self.backbone.schedule, self.student.step_rule,
+            )
+        if role == "teacher":
+            uncond = self.backbone.empty_conditioning(len(prompts))
+            config = self.teacher_sampling
+            return few_step_sample(
+                lambda x, t: self.teacher_x0(x, t, cond, config.guidance_scale, uncond),
+                noise, self.backbone.schedule.generator_levels(config.num_steps), self.backbone.schedule, config.step_rule,
+            )
+        raise ValueError(f"unknown sampling role {role!r}; accepted: 'generator', 'teacher'")
+
+    def nfe(self, role: str = "generator") -> int:
+        """Network evaluations per image of :meth:`generate` (CFG counts twice)."""
+        if role == "generator":
+            return len(self.student_levels())
+        return self.teacher_sampling.num_steps * (1 if self.teacher_sampling.guidance_scale == 1.0 else 2)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """Generate images for the validation prompts with fixed noise; callbacks score them."""
+        noise = torch.randn(
+            (len(batch["prompts"]), *self.backbone.latent_shape), generator=torch.Generator().manual_seed(batch_idx)
+        ).to(self.device)
+        return self.backbone.decode(self.generate(batch["prompts"], noise))
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; accepted: {tuple(dtypes)}")
+    return dtypes[name]

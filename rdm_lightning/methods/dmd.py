@@ -1,0 +1,202 @@
+"""DMD / DMD2 (``dmd2.md``): distribution matching with a fake score, TTUR, GAN head, backward simulation.
+
+One iteration:
+1. Backward simulation: draw the trained step ``k`` (same on every rank), run
+   ``k`` generator steps without grad, re-noise to ``levels[k]``.
+2. Every ``generator_update_ratio``-th iteration the generator updates on
+   ``L_DM (+ w_G·gan_G)``; otherwise it only produces the critic's batch.
+3. The fake score updates every iteration on the detached batch:
+   ``L_fake (+ w_D·gan_D)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.core.dmd import dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss
+from rdm_lightning.core.sampling import backward_simulation_input
+from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.optim import OptimizerConfig
+
+
+@dataclass
+class DMDConfig:
+    """DMD2 loss settings (defaults: the SD1.5 recipe)."""
+
+    guidance_scale: float = 1.75
+    """CFG scale ``w`` of the real score (teacher)."""
+    fake_guidance_scale: float = 1.0
+    """CFG of the fake score; DMD2 uses none, and any other value is an error."""
+    generator_update_ratio: int = 10
+    """TTUR ``r``: the generator updates when ``iteration % r == 0``; the critic every iteration."""
+    dm_level_range: tuple[float, float] = (0.02, 0.98)
+    """Range of ``u`` (fraction of the schedule) of the DM re-noising: t ∈ [20, 980] on VP."""
+    fake_level_range: tuple[float, float] = (0.0, 1.0)
+    """Range of ``u`` for the fake-score and GAN noise levels: t ∈ [0, 999] on VP."""
+    norm_eps: float = 0.0
+    """``ε_n`` added to the per-sample DMD normaliser (0 in DMD2, 1e-8 in DMDR)."""
+    gan_generator_weight: float = 0.0
+    """``w_G`` of the generator's GAN loss; 0 disables the GAN head altogether."""
+    gan_discriminator_weight: float = 1e-2
+    """``w_D`` of the discriminator loss added to the fake-score loss."""
+    backward_simulation: bool = True
+    """Train a multi-step student at a random step ``k`` (DMD2); ``False`` trains step 0 only."""
+
+    def __post_init__(self):
+        if self.fake_guidance_scale != 1.0:
+            raise ValueError(
+                f"fake_guidance_scale={self.fake_guidance_scale}: the DMD fake score runs without CFG (1.0 only)"
+            )
+        if self.generator_update_ratio < 1:
+            raise ValueError(f"generator_update_ratio must be >= 1, got {self.generator_update_ratio}")
+        for name in ("dm_level_range", "fake_level_range"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 <= low <= high <= 1, got {(low, high)}")
+        if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0:
+            raise ValueError("GAN weights must be >= 0")
+
+    @property
+    def use_gan(self) -> bool:
+        return self.gan_generator_weight > 0
+
+
+class DiscriminatorHead(nn.Module):
+    """DMD2's GAN head on bottleneck features: [Conv4×4/2 → GN → SiLU]* down to 4×4, Conv4×4/4, 1×1 → logit."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        if size < 4 or size & (size - 1):
+            raise ValueError(f"feature size must be a power of two >= 4, got {size}")
+        groups = min(32, channels)
+        layers: list[nn.Module] = []
+        while size > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
+            size //= 2
+        layers += [nn.Conv2d(channels, channels, 4, stride=4), nn.GroupNorm(groups, channels), nn.SiLU()]
+        layers += [nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features.float()).flatten(1).mean(1)
+
+
+class DMD(DistillationModule):
+    """DMD2 distillation of ``backbone``'s teacher into a few-step generator.
+
+    Args:
+        backbone: model family adapter (teacher and initial networks).
+        dmd: DMD2 loss and schedule settings.
+        generator_optimizer: AdamW of the generator.
+        fake_score_optimizer: AdamW of the fake score and GAN head.
+        student: the generator's sampler (steps, levels, step rule).
+        teacher_sampling: the teacher's default sampler.
+        teacher_dtype: dtype of the frozen teacher.
+        seed: seed of the module's random stream.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        dmd: DMDConfig = DMDConfig(),
+        generator_optimizer: OptimizerConfig = OptimizerConfig(),
+        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
+        student: StudentConfig = StudentConfig(),
+        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
+        teacher_dtype: str = "float32",
+        seed: int = 0,
+    ):
+        super().__init__(
+            backbone, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed
+        )
+        self.dmd = dmd
+        if dmd.use_gan:
+            channels, height, _ = backbone.feature_shape
+            self.discriminator_head = DiscriminatorHead(channels, height)
+
+    # ---- losses ---------------------------------------------------------------------------
+    def distribution_matching_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor]:
+        """``L_DM`` of generator samples ``x0`` and the DMD gradient ``g`` (dmd2.md §2)."""
+        level = self.sample_levels(len(x0), *self.dmd.dm_level_range)
+        x_noisy = self.backbone.schedule.add_noise(x0.detach(), self.randn(x0.shape), level)
+        with torch.no_grad():
+            x0_real = self.teacher_x0(x_noisy, level, cond, self.dmd.guidance_scale, uncond)
+            x0_fake = self.backbone.predict_x0(self.fake_score, x_noisy, level, cond)
+        gradient = dmd_gradient(x0.detach(), x0_real, x0_fake, self.dmd.norm_eps)
+        return dmd_loss(x0, gradient), gradient
+
+    def discriminator_logits(self, x0: Tensor, cond: Conditioning) -> Tensor:
+        """GAN head on the fake score's bottleneck at a random noise level of ``x0``."""
+        level = self.sample_levels(len(x0), *self.dmd.fake_level_range)
+        x_noisy = self.backbone.schedule.add_noise(x0, self.randn(x0.shape), level)
+        return self.discriminator_head(self.backbone.features(self.fake_score, x_noisy, level, cond))
+
+    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, dict]:
+        """``L_G = L_DM + w_G·gan_G`` for generator samples ``x0`` (with grad)."""
+        loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
+        logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
+        loss = loss_dm
+        if self.dmd.use_gan:
+            loss_gan = gan_generator_loss(self.discriminator_logits(x0, cond))
+            loss = loss + self.dmd.gan_generator_weight * loss_gan
+            logs["train/loss_gan_g"] = loss_gan.detach()
+        return loss, logs
+
+    def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+        """``L_guid = L_fake + w_D·gan_D`` on the detached generator batch ``x0``."""
+        level = self.sample_levels(len(x0), *self.dmd.fake_level_range)
+        loss_fake = self.backbone.denoising_loss(self.fake_score, x0, cond, level, self.randn(x0.shape))
+        logs = {"train/loss_fake": loss_fake.detach()}
+        loss = loss_fake
+        if self.dmd.use_gan:
+            if "images" not in batch:
+                raise KeyError("the GAN head needs real images: the batch has no 'images' key")
+            real = self.backbone.encode_images(batch["images"])
+            real_cond = self.backbone.encode_prompts(batch["prompts"])
+            loss_gan = gan_discriminator_loss(self.discriminator_logits(real, real_cond), self.discriminator_logits(x0, cond))
+            loss = loss + self.dmd.gan_discriminator_weight * loss_gan
+            logs["train/loss_gan_d"] = loss_gan.detach()
+        return loss, logs
+
+    # ---- one iteration --------------------------------------------------------------------
+    def generator_input(self, cond: Conditioning, n: int) -> tuple[Tensor, Tensor]:
+        """Backward-simulated generator input and its level (dmd2.md §6)."""
+        levels = self.student_levels()
+        step = self.shared_randint(len(levels)) if self.dmd.backward_simulation else 0
+        return backward_simulation_input(
+            lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond),
+            self.randn((n, *self.backbone.latent_shape)),
+            levels,
+            step,
+            self.backbone.schedule,
+            self.student.step_rule,
+        )
+
+    def is_generator_iteration(self) -> bool:
+        """TTUR: the generator updates when ``iteration % r == 0``."""
+        return self.iterations % self.dmd.generator_update_ratio == 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        prompts = batch["prompts"]
+        cond = self.backbone.encode_prompts(prompts)
+        uncond = self.backbone.empty_conditioning(len(prompts))
+        x_in, level = self.generator_input(cond, len(prompts))
+        logs = {}
+        if self.is_generator_iteration():
+            with self.trainable_role("generator"):
+                x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
+                loss, logs = self.generator_loss(x0, cond, uncond)
+                self.step_role("generator", loss)
+            x0 = x0.detach()
+        else:
+            with torch.no_grad():
+                x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
+        with self.trainable_role("fake_score"):
+            loss, fake_logs = self.fake_score_loss(x0, cond, batch)
+            self.step_role("fake_score", loss)
+        self.iterations += 1
+        self.log_dict({**logs, **fake_logs}, prog_bar=True, batch_size=len(prompts))
+        self.log("generator_updates", float(self.generator_updates), prog_bar=True, batch_size=len(prompts))

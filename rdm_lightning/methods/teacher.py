@@ -1,0 +1,116 @@
+"""Pretraining of the digits teacher, so the embedded default needs no download.
+
+The text encoder and the denoiser train together on the digits train split
+with the backbone's denoising loss (flow velocity by default, ε as an option)
+and prompt dropout for classifier-free guidance. An EMA of both is what is
+saved, as a digits model folder that :class:`DigitsBackbone` loads.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from rdm_lightning.backbones.digits import (
+    DigitsConfig,
+    DigitsDenoiser,
+    DigitsTextEncoder,
+    default_teacher_path,
+    digits_schedule,
+    save_digits_model,
+    tokenize,
+)
+from rdm_lightning.core.ema import ema_update
+from rdm_lightning.core.parameterization import Prediction, training_target
+from rdm_lightning.core.schedules import _per_sample
+
+
+class DigitsTeacherPretraining(L.LightningModule):
+    """Train a digits teacher from scratch and save it where :class:`DigitsBackbone` looks.
+
+    Args:
+        config: architecture and prediction type of the teacher.
+        output_path: folder to save the teacher in; ``None`` is the library cache for ``config.prediction``.
+        lr: AdamW learning rate.
+        prompt_dropout: probability of replacing a prompt by ``""`` (trains the CFG branch).
+        ema_decay: decay of the parameter EMA that is saved.
+    """
+
+    def __init__(
+        self,
+        config: DigitsConfig = DigitsConfig(),
+        output_path: str | None = None,
+        lr: float = 2e-3,
+        prompt_dropout: float = 0.1,
+        ema_decay: float = 0.999,
+    ):
+        super().__init__()
+        if not 0.0 <= prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        self.save_hyperparameters()
+        self.config = config
+        self.output_path = Path(output_path) if output_path else default_teacher_path(config.prediction)
+        self.schedule = digits_schedule(config.prediction)
+        self.text_encoder = DigitsTextEncoder(config.text_dim, config.max_tokens)
+        self.denoiser = DigitsDenoiser(config.channels, config.text_dim)
+        self.ema = nn.ModuleDict({"text_encoder": copy.deepcopy(self.text_encoder), "denoiser": copy.deepcopy(self.denoiser)})
+        self.ema.requires_grad_(False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0 = batch["images"] * 2.0 - 1.0
+        prompts = ["" if torch.rand(()) < self.hparams.prompt_dropout else p for p in batch["prompts"]]
+        text = self.text_encoder(tokenize(prompts, self.config.max_tokens).to(self.device))
+        # Flow: σ ~ U[0, 1]; VP: t ~ U{0, …, 999}.
+        level = self.schedule.sample_levels(len(x0), 0.0, 1.0).to(self.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.add_noise(x0, noise, level)
+        alpha, sigma = _per_sample(self.schedule.alpha_sigma(level), x0)
+        target = training_target(Prediction(self.config.prediction), x0, noise, alpha, sigma)
+        output = self.denoiser(x_t, self.schedule.model_timestep(level).to(self.device), text)
+        loss = torch.nn.functional.mse_loss(output, target)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        ema_update(self.ema["text_encoder"], self.text_encoder, decay)
+        ema_update(self.ema["denoiser"], self.denoiser, decay)
+
+    def configure_optimizers(self):
+        params = list(self.text_encoder.parameters()) + list(self.denoiser.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
+        total = self.trainer.estimated_stepping_batches
+        # Cosine decay to 10 %: a small model on 1,437 images benefits from annealing.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(step / total, 1.0)))).item()
+        )
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            save_digits_model(self.output_path, self.config, self.ema["text_encoder"], self.ema["denoiser"])
+
+
+def ensure_digits_teacher(prediction: str = "flow_velocity", max_steps: int = 3000, batch_size: int = 128) -> Path:
+    """The cached digits teacher for ``prediction``, trained first if it is missing."""
+    # Imported here: data is a sibling layer only this entry point needs.
+    from rdm_lightning.data.digits import DigitsDataModule
+
+    path = default_teacher_path(prediction)
+    if (path / "denoiser.safetensors").exists():
+        return path
+    print(f"rdm: training the digits teacher ({prediction}, {max_steps} steps) into {path}")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = DigitsTeacherPretraining(DigitsConfig(prediction=prediction), output_path=str(path))
+        trainer = L.Trainer(
+            max_steps=max_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
+            accelerator="auto", devices=1,
+        )
+        trainer.fit(module, DigitsDataModule(batch_size=batch_size))
+    return path

@@ -1,0 +1,20 @@
+"""Fixtures shared across the test suite."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def rdm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary cache root for the whole session; tests point ``$RDM_CACHE`` here with monkeypatch."""
+    return tmp_path_factory.mktemp("rdm_cache")
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(rdm_cache: Path):
+    """The seed-0 digits classifier and its test accuracy, trained once per session into ``rdm_cache``."""
+    from rdm_lightning.evaluation.digits import load_digits_classifier
+
+    return load_digits_classifier(seed=0, cache=rdm_cache)
