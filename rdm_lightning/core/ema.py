@@ -6,8 +6,12 @@ from torch import nn
 
 
 def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
-    """``ema ← decay·ema + (1 − decay)·live`` for every parameter and floating buffer."""
+    """``ema ← decay·ema + (1 − decay)·live`` for every parameter and floating buffer.
+
+    ``parameters()``/``buffers()`` list a tied tensor once, so it is averaged once.
+    """
     with torch.no_grad():
-        for ema_t, live_t in zip(ema.state_dict().values(), live.state_dict().values()):
+        pairs = list(zip(ema.parameters(), live.parameters())) + list(zip(ema.buffers(), live.buffers()))
+        for ema_t, live_t in pairs:
             if ema_t.is_floating_point():
                 ema_t.lerp_(live_t.to(ema_t.dtype), 1.0 - decay)

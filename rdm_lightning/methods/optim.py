@@ -23,11 +23,11 @@ class OptimizerConfig:
     """Clip the gradient norm of this role to this value; ``None`` disables clipping."""
 
     def __post_init__(self):
-        if self.lr <= 0:
+        if not self.lr > 0:  # also rejects NaN
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.warmup_updates < 0:
+        if not (self.weight_decay >= 0 and self.warmup_updates >= 0):
             raise ValueError(f"weight_decay and warmup_updates must be >= 0, got {self.weight_decay}, {self.warmup_updates}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
