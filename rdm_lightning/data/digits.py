@@ -18,7 +18,9 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
+
+from rdm_lightning.data.samplers import EpochShuffleSampler
 
 DIGIT_PROMPT = "a handwritten digit {label}"
 NUM_CLASSES = 10
@@ -141,9 +143,9 @@ class DigitsDataModule(L.LightningDataModule):
             training only sees the rest.
         split_seed: Seed of the stratified train/test split.
         shuffle_seed: Seed of the training order: the same seed gives the same
-            order on every run, another seed another order.
-            Under multi-process strategies Lightning replaces the sampler by its
-            ``DistributedSampler``, which shuffles by the ``seed_everything`` seed.
+            order on every run, another seed another order; epoch ``e`` uses
+            ``shuffle_seed + e``, so resumed runs see the same batches. Under
+            multi-process strategies Lightning shards this order across ranks.
         val_size: How many prompts validation generates for, digits cycling 0..9.
     """
 
@@ -195,11 +197,10 @@ class DigitsDataModule(L.LightningDataModule):
         """Shuffled training batches whose order depends only on ``shuffle_seed``."""
         self.setup()
         dataset = _LabelledDigits(self.split.train_images, self.split.train_labels)
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=RandomSampler(dataset, generator=generator),
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate_digits,

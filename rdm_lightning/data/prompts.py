@@ -13,7 +13,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
+
+from rdm_lightning.data.samplers import EpochShuffleSampler
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -120,9 +122,9 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: Prompts per batch; the last incomplete training batch is dropped.
         num_workers: DataLoader worker processes.
         shuffle_seed: Seed of the training order: the same seed gives the same
-            order on every run, another seed another order.
-            Under multi-process strategies Lightning replaces the sampler by its
-            ``DistributedSampler``, which shuffles by the ``seed_everything`` seed.
+            order on every run, another seed another order; epoch ``e`` uses
+            ``shuffle_seed + e``, so resumed runs see the same batches. Under
+            multi-process strategies Lightning shards this order across ranks.
         field: Key of the prompt in ``.jsonl`` objects and the ``.csv`` column.
     """
 
@@ -170,12 +172,11 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches whose order depends only on ``shuffle_seed``."""
         self.setup()
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
         dataset = PromptDataset(self.train_prompts)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=RandomSampler(dataset, generator=generator),
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
