@@ -10,10 +10,7 @@ and sample files:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -45,11 +42,12 @@ class RDMLightningCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOL_COMMANDS:
+    """Entry point of ``rdm`` and ``python -m rdm_lightning``; ``argv`` defaults to ``sys.argv[1:]``."""
+    command_args = sys.argv[1:] if argv is None else argv
+    if command_args and command_args[0] in TOOL_COMMANDS:
         from rdm_lightning import tools
 
-        tools.main(argv)
+        tools.main(command_args)
     else:
         RDMLightningCLI(args=argv)
 

@@ -18,3 +18,18 @@ def digits_classifier(rdm_cache: Path):
     from rdm_lightning.evaluation.digits import load_digits_classifier
 
     return load_digits_classifier(seed=0, cache=rdm_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random (untrained) digits model folder with ``channels=8``, identical on every build (seed 0)."""
+    import torch
+
+    from rdm_lightning.backbones.digits import DigitsConfig, DigitsDenoiser, DigitsTextEncoder, save_digits_model
+
+    config = DigitsConfig(channels=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        text_encoder = DigitsTextEncoder(config.text_dim, config.max_tokens)
+        denoiser = DigitsDenoiser(config.channels, config.text_dim)
+    return save_digits_model(tmp_path_factory.mktemp("tiny_digits_teacher"), config, text_encoder, denoiser)

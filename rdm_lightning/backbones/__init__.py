@@ -1,6 +1,7 @@
 """Model-family adapters behind the :class:`~rdm_lightning.backbones.base.Backbone` interface."""
 from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.backbones.digits import DigitsBackbone
 from rdm_lightning.backbones.sd3 import SD3Backbone
 from rdm_lightning.backbones.stable_diffusion import StableDiffusionBackbone
 
-__all__ = ["Backbone", "Conditioning", "SD3Backbone", "StableDiffusionBackbone"]
+__all__ = ["Backbone", "Conditioning", "DigitsBackbone", "SD3Backbone", "StableDiffusionBackbone"]

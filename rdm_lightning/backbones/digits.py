@@ -35,7 +35,7 @@ class DigitsConfig:
 
     prediction: str = "flow_velocity"
     """``flow_velocity`` (rectified flow, default) or ``epsilon`` (VP/DDPM)."""
-    channels: int = 64
+    channels: int = 32
     """Width of the denoiser at 8×8; the 4×4 bottleneck has twice as many."""
     text_dim: int = 64
     """Width of the text encoder."""
@@ -115,7 +115,7 @@ class FiLMResBlock(nn.Module):
 class DigitsDenoiser(nn.Module):
     """Small conditional U-Net on 8×8 with a 4×4 bottleneck, conditioned by FiLM."""
 
-    def __init__(self, channels: int = 64, text_dim: int = 64):
+    def __init__(self, channels: int = 32, text_dim: int = 64):
         super().__init__()
         emb_dim = 2 * channels
         self.emb_dim = emb_dim

@@ -1,0 +1,6 @@
+"""Callbacks: generator EMA, sample grids, digits evaluation."""
+from rdm_lightning.callbacks.digits_eval import DigitsEvaluation
+from rdm_lightning.callbacks.ema import GeneratorEMA
+from rdm_lightning.callbacks.samples import SampleGrid
+
+__all__ = ["DigitsEvaluation", "GeneratorEMA", "SampleGrid"]

@@ -50,6 +50,7 @@ class DigitsEvaluation(L.Callback):
         self.evaluate_teacher = evaluate_teacher
         self.history: list[dict] = []
         self._evaluator: DigitsEvaluator | None = None
+        self._validation: list[tuple[torch.Tensor, list[str]]] = []
 
     @property
     def evaluator(self) -> DigitsEvaluator:
@@ -69,6 +70,19 @@ class DigitsEvaluation(L.Callback):
         due = self.every_n_updates and updates % self.every_n_updates == 0
         if due and trainer.is_global_zero and (not self.history or self.history[-1]["generator_updates"] != updates):
             self._evaluate(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._validation.append((outputs.cpu(), list(batch["prompts"])))
+
+    def on_validation_epoch_end(self, trainer, pl_module: DistillationModule) -> None:
+        """Score the images :meth:`DistillationModule.validation_step` generated (``rdm validate``)."""
+        if not self._validation:
+            return
+        images = torch.cat([images for images, _ in self._validation])
+        prompts = [p for _, batch_prompts in self._validation for p in batch_prompts]
+        self._validation = []
+        metrics = self.evaluator.evaluate(images, prompts)
+        pl_module.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, rank_zero_only=True)
 
     def on_fit_end(self, trainer, pl_module: DistillationModule) -> None:
         if not trainer.is_global_zero:

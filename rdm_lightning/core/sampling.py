@@ -37,13 +37,18 @@ def next_sample(
 ) -> Tensor:
     """Move from ``level`` to ``next_level`` given x̂0, by the step rule."""
     if rule == "sde":
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        noise = _randn_like(x0, generator)
     elif rule == "ode":
         alpha, sigma = _per_sample(schedule.alpha_sigma(level), x_t)
         noise = eps_from_x0(x_t, x0, alpha, sigma).to(x0.dtype)
     else:
         raise ValueError(f"unknown step rule {rule!r}; accepted: {STEP_RULES}")
     return renoise(x0, noise, next_level, schedule)
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (CPU) and moved."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 def _batch_level(level: Tensor, n: int) -> Tensor:
@@ -77,13 +82,14 @@ def backward_simulation_input(
     step: int,
     schedule: NoiseSchedule,
     rule: StepRule = "sde",
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DMD2 backward simulation: the generator input at ``levels[step]``.
 
     Runs ``step`` sampler steps (by ``rule``) without gradient from ``noise``,
     then re-noises the last x̂0 to ``levels[step]`` with fresh noise.
     ``step = 0`` returns the pure noise itself. Returns ``(x_in, level)`` with
-    one level per sample.
+    one level per sample. Fresh noise comes from ``generator`` (CPU) when given.
     """
     if not 0 <= step < len(levels):
         raise ValueError(f"backward-simulation step {step} outside [0, {len(levels) - 1}]")
@@ -96,6 +102,6 @@ def backward_simulation_input(
         level_b = _batch_level(levels[i], n)
         x0 = denoise(x_t, level_b)
         if i + 1 < step:
-            x_t = next_sample(x_t, x0, level_b, _batch_level(levels[i + 1], n), schedule, rule)
+            x_t = next_sample(x_t, x0, level_b, _batch_level(levels[i + 1], n), schedule, rule, generator)
     # The trained input is always a fresh re-noising of the last x̂0 (DMD2; DMDR's ODE mode too).
-    return renoise(x0, torch.randn_like(x0), target_level, schedule), target_level
+    return renoise(x0, _randn_like(x0, generator), target_level, schedule), target_level

@@ -1,0 +1,5 @@
+"""LightningDataModules: prompt files and the digits domain."""
+from rdm_lightning.data.digits import DigitsDataModule, digit_from_prompt, digit_prompt, digits_split
+from rdm_lightning.data.prompts import PromptDataModule, load_prompts
+
+__all__ = ["DigitsDataModule", "PromptDataModule", "digit_from_prompt", "digit_prompt", "digits_split", "load_prompts"]

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import Tensor, nn
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
@@ -79,6 +79,9 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: dtype of the frozen teacher (``float32``, ``bfloat16``, ``float16``).
         seed: seed of the module's own random stream (noise, levels, steps); each
             rank offsets it by its rank, and it is checkpointed so resumed runs match.
+        max_generator_updates: stop fit after this many generator updates (``None``:
+            the trainer's limits). Lightning's ``max_steps`` counts every role's
+            optimizer steps, which is rarely what a distillation budget means.
     """
 
     def __init__(
@@ -90,8 +93,11 @@ class DistillationModule(L.LightningModule):
         teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
         teacher_dtype: str = "float32",
         seed: int = 0,
+        max_generator_updates: int | None = None,
     ):
         super().__init__()
+        if max_generator_updates is not None and max_generator_updates < 1:
+            raise ValueError(f"max_generator_updates must be >= 1 or None, got {max_generator_updates}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.backbone = backbone.requires_grad_(False)
@@ -106,6 +112,7 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self.teacher_sampling = teacher_sampling
         self.seed = seed
+        self.max_generator_updates = max_generator_updates
         self.role_updates = {role: 0 for role in TRAINABLE_ROLES}
         self.iterations = 0
         self.rng = torch.Generator().manual_seed(seed)
@@ -116,9 +123,22 @@ class DistillationModule(L.LightningModule):
         """Generator optimizer steps so far (Lightning's ``global_step`` counts every role's)."""
         return self.role_updates["generator"]
 
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        # Each backward reaches one role only; DDP must expect the other role's parameters to be unused.
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                "DDP needs find_unused_parameters=True for distillation (each backward updates one role): "
+                "use --trainer.strategy=ddp_find_unused_parameters_true"
+            )
+
     def on_fit_start(self) -> None:
         if self.iterations == 0:
             self.rng.manual_seed(self.seed + self.global_rank)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.max_generator_updates is not None and self.generator_updates >= self.max_generator_updates:
+            self.trainer.should_stop = True
 
     # ---- randomness -----------------------------------------------------------------------
     def randn(self, shape: Sequence[int]) -> Tensor:
@@ -159,7 +179,14 @@ class DistillationModule(L.LightningModule):
         optimizers = self.optimizers()
         if isinstance(optimizers, list):
             return optimizers[TRAINABLE_ROLES.index(role)]
-        optimizers.optimizer.active_role = role
+        # Under DeepSpeed the LightningOptimizer wraps DeepSpeed's optimizer (ZeRO, BF16_Optimizer…),
+        # which wraps ours in ``.optimizer``: the role must be set on the RoleAwareAdamW itself.
+        inner = optimizers.optimizer
+        while not isinstance(inner, RoleAwareAdamW) and hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        if not isinstance(inner, RoleAwareAdamW):
+            raise TypeError(f"a single optimizer must be (or wrap) a RoleAwareAdamW, got {type(optimizers.optimizer).__name__}")
+        inner.active_role = role
         return optimizers
 
     def step_role(self, role: str, loss: Tensor) -> None:
@@ -179,8 +206,8 @@ class DistillationModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.role_updates[role] += 1
         schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            scheduler.step()
+        # One scheduler per role, or one over all role groups under DeepSpeed.
+        (schedulers[TRAINABLE_ROLES.index(role)] if isinstance(schedulers, list) else schedulers).step()
 
     def configure_optimizers(self):
         modules = self.role_modules()

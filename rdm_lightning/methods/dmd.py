@@ -96,6 +96,7 @@ class DMD(DistillationModule):
         teacher_sampling: the teacher's default sampler.
         teacher_dtype: dtype of the frozen teacher.
         seed: seed of the module's random stream.
+        max_generator_updates: stop fit after this many generator updates.
     """
 
     def __init__(
@@ -108,9 +109,11 @@ class DMD(DistillationModule):
         teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
         teacher_dtype: str = "float32",
         seed: int = 0,
+        max_generator_updates: int | None = None,
     ):
         super().__init__(
-            backbone, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed
+            backbone, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
+            max_generator_updates,
         )
         self.dmd = dmd
         if dmd.use_gan:
@@ -173,6 +176,7 @@ class DMD(DistillationModule):
             step,
             self.backbone.schedule,
             self.student.step_rule,
+            generator=self.rng,
         )
 
     def is_generator_iteration(self) -> bool:

@@ -58,18 +58,20 @@ class RoleAwareAdamW(torch.optim.AdamW):
         if None in roles:
             raise ValueError("every parameter group of RoleAwareAdamW needs a 'role' key")
         super().__init__(param_groups, **defaults)
+        self.roles = list(dict.fromkeys(roles))
         self.active_role: str | None = None
-
-    @property
-    def roles(self) -> list[str]:
-        return [g["role"] for g in self.param_groups]
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.active_role not in self.roles:
             raise RuntimeError(f"set active_role to one of {self.roles} before step(), got {self.active_role!r}")
+        # ZeRO steps one (flattened) group at a time with ``param_groups`` swapped to it,
+        # so a call may hold only inactive groups: then it is a no-op.
         all_groups = self.param_groups
-        self.param_groups = [g for g in all_groups if g["role"] == self.active_role]
+        active = [g for g in all_groups if g["role"] == self.active_role]
+        if not active:
+            return None
+        self.param_groups = active
         try:
             return super().step(closure)
         finally:
