@@ -57,7 +57,8 @@ def sample(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
     for begin in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling ({args.role})", unit="batch"):
         chunk = slice(begin, begin + args.batch_size)
-        batches.append(module.backbone.decode(module.generate(prompts[chunk], noise[chunk], role=args.role)).cpu())
+        latents = module.generate(prompts[chunk], noise[chunk], role=args.role, generator=generator)
+        batches.append(module.backbone.decode(latents).cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(batches)
     output = Path(args.output)

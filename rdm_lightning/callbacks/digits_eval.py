@@ -23,9 +23,10 @@ def evaluate_sampler(
 ) -> dict:
     """Sample ``num_samples`` class-balanced digits from fixed noise and score them."""
     prompts = balanced_digit_prompts(num_samples)
-    noise = torch.randn((num_samples, *pl_module.backbone.latent_shape), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, *pl_module.backbone.latent_shape), generator=generator)
     start = time.perf_counter()
-    images = pl_module.backbone.decode(pl_module.generate(prompts, noise.to(pl_module.device), role=role))
+    images = pl_module.backbone.decode(pl_module.generate(prompts, noise.to(pl_module.device), role=role, generator=generator))
     seconds = time.perf_counter() - start
     metrics = evaluator.evaluate(images.cpu(), prompts)
     return {**metrics, "nfe": pl_module.nfe(role), "sampling_seconds_per_image": seconds / num_samples}

@@ -46,10 +46,9 @@ class SampleGrid(L.Callback):
     def sample(self, pl_module: DistillationModule, role: str = "generator") -> torch.Tensor:
         """Decoded images, prompt-major, from the fixed noise."""
         prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]
-        noise = torch.randn(
-            (len(prompts), *pl_module.backbone.latent_shape), generator=torch.Generator().manual_seed(self.seed)
-        ).to(pl_module.device)
-        return pl_module.backbone.decode(pl_module.generate(prompts, noise, role=role))
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((len(prompts), *pl_module.backbone.latent_shape), generator=generator).to(pl_module.device)
+        return pl_module.backbone.decode(pl_module.generate(prompts, noise, role=role, generator=generator))
 
     def save(self, trainer: L.Trainer, pl_module: DistillationModule, name: str, role: str = "generator") -> Path:
         images = self.sample(pl_module, role)

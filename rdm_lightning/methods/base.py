@@ -273,8 +273,18 @@ class DistillationModule(L.LightningModule):
         return self.backbone.schedule.generator_levels(self.student.num_steps)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], noise: Tensor | None = None, role: str = "generator") -> Tensor:
-        """Latents for ``prompts``: the (EMA) generator's few-step sampler, or the teacher's default sampler."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        noise: Tensor | None = None,
+        role: str = "generator",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Latents for ``prompts``: the (EMA) generator's few-step sampler, or the teacher's default sampler.
+
+        ``noise`` is the initial noise and ``generator`` (CPU) seeds any fresh noise
+        the sampler draws between steps, so both together fix the output.
+        """
         cond = self.backbone.encode_prompts(list(prompts))
         if noise is None:
             noise = self.randn((len(prompts), *self.backbone.latent_shape))
@@ -282,7 +292,7 @@ class DistillationModule(L.LightningModule):
             network = self.sampling_generator
             return few_step_sample(
                 lambda x, t: self.backbone.predict_x0(network, x, t, cond),
-                noise, self.student_levels(), self.backbone.schedule, self.student.step_rule,
+                noise, self.student_levels(), self.backbone.schedule, self.student.step_rule, generator,
             )
         if role == "teacher":
             uncond = self.backbone.empty_conditioning(len(prompts))
@@ -290,6 +300,7 @@ class DistillationModule(L.LightningModule):
             return few_step_sample(
                 lambda x, t: self.teacher_x0(x, t, cond, config.guidance_scale, uncond),
                 noise, self.backbone.schedule.generator_levels(config.num_steps), self.backbone.schedule, config.step_rule,
+                generator,
             )
         raise ValueError(f"unknown sampling role {role!r}; accepted: 'generator', 'teacher'")
 
@@ -301,10 +312,9 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         """Generate images for the validation prompts with fixed noise; callbacks score them."""
-        noise = torch.randn(
-            (len(batch["prompts"]), *self.backbone.latent_shape), generator=torch.Generator().manual_seed(batch_idx)
-        ).to(self.device)
-        return self.backbone.decode(self.generate(batch["prompts"], noise))
+        generator = torch.Generator().manual_seed(batch_idx)
+        noise = torch.randn((len(batch["prompts"]), *self.backbone.latent_shape), generator=generator).to(self.device)
+        return self.backbone.decode(self.generate(batch["prompts"], noise, generator=generator))
 
 
 def _parse_dtype(name: str) -> torch.dtype:
