@@ -11,6 +11,7 @@ and sample files:
 from __future__ import annotations
 
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -31,6 +32,10 @@ class RDMLightningCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def before_fit(self) -> None:
+        # The frozen teacher and backbone are in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -48,7 +48,9 @@ def digits_config(tmp_path: Path, teacher: Path, **model_overrides) -> Path:
                 {"class_path": "rdm_lightning.callbacks.SampleGrid",
                  "init_args": {"prompts": ["a handwritten digit 1", "a handwritten digit 7"], "num_per_prompt": 3, "every_n_updates": 1}},
                 {"class_path": "rdm_lightning.callbacks.DigitsEvaluation", "init_args": {"every_n_updates": 2, "num_samples": 20}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+                {"class_path": "rdm_lightning.callbacks.TrainingCurves", "init_args": {"every_n_updates": 1}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"save_last": True, "save_top_k": 0, "every_n_epochs": 1}},
             ],
         },
         "model": {
@@ -90,6 +92,19 @@ def test_fit_writes_metrics_grids_and_checkpoint(fitted_run):
     assert grids == ["generator_final.png", "generator_u000001.png", "generator_u000002.png", "generator_u000003.png", "teacher.png"]
     assert (fitted_run / "checkpoints" / "last.ckpt").exists()
     assert "train/loss_fake" in (fitted_run / "metrics.csv").read_text().splitlines()[0]
+    assert (fitted_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_record_changes_and_plot(tmp_path):
+    from PIL import Image
+
+    from rdm_lightning.callbacks import plot_curves
+
+    with pytest.raises(ValueError, match="no curves"):
+        plot_curves({}, tmp_path / "empty.png")
+    path = plot_curves({"train/loss_dm": [(1, 0.5), (2, 0.4)], "eval/digits_fd": [(2, 30.0)]}, tmp_path / "c.png")
+    width, height = Image.open(path).size
+    assert width > height  # two panels side by side
 
 
 def test_sample_writes_npz_and_grid(fitted_run, tmp_path):
@@ -150,6 +165,7 @@ def test_export_digits_student_is_the_ema_generator(fitted_run, tmp_path):
     out = tmp_path / "student"
     main(["export", "--checkpoint", str(fitted_run / "checkpoints" / "last.ckpt"), "--output", str(out)])
     module = load_module(fitted_run / "checkpoints" / "last.ckpt")
+    assert module.generator_updates == 3  # last.ckpt holds the final state
     exported = DigitsBackbone(str(out)).load_denoiser()
     for name, value in module.generator_ema.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name

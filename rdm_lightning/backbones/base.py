@@ -44,6 +44,16 @@ class Conditioning:
         return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``"float32"``, ``"float16"`` or ``"bfloat16"``."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; accepted: {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
 def require_path(path: str | Path, what: str) -> Path:
     """``path`` as a Path, or a FileNotFoundError naming it and what it should hold."""
     path = Path(path).expanduser()

@@ -16,11 +16,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, LCMSchedu
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-from rdm_lightning.backbones.base import Backbone, Conditioning, require_path
+from rdm_lightning.backbones.base import Backbone, Conditioning, require_path, torch_dtype
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import VPSchedule
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EMPTY_PROMPT_MODES = ("empty_string", "zeros")
 VP_PREDICTIONS = {"epsilon": Prediction.EPSILON, "v_prediction": Prediction.V_PREDICTION}
 EXPORT_MANIFEST = "rdm_export.json"
@@ -29,13 +28,6 @@ EXPORT_MANIFEST = "rdm_export.json"
 # makes (c_skip, c_out) = (0, 1) to float precision at every timestep t ≥ 1.
 LCM_TIMESTEP_SCALING = 1.0e4
 BOUNDARY_TOLERANCE = 1e-6
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype named ``"float32"``, ``"float16"`` or ``"bfloat16"``."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; accepted: {tuple(DTYPES)}")
-    return DTYPES[name]
 
 
 def resolve_pipeline_folder(path: str, variant: str | None, local_files_only: bool) -> Path:

@@ -1,6 +1,7 @@
-"""Callbacks: generator EMA, sample grids, digits evaluation."""
+"""Callbacks: generator EMA, sample grids, digits evaluation, training curves."""
+from rdm_lightning.callbacks.curves import TrainingCurves, plot_curves
 from rdm_lightning.callbacks.digits_eval import DigitsEvaluation
 from rdm_lightning.callbacks.ema import GeneratorEMA
 from rdm_lightning.callbacks.samples import SampleGrid
 
-__all__ = ["DigitsEvaluation", "GeneratorEMA", "SampleGrid"]
+__all__ = ["DigitsEvaluation", "GeneratorEMA", "SampleGrid", "TrainingCurves", "plot_curves"]

@@ -10,6 +10,7 @@ DeepSpeed, which accepts a single optimizer.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -19,7 +20,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import Tensor, nn
 
-from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.backbones.base import Backbone, Conditioning, torch_dtype
 from rdm_lightning.core.sampling import STEP_RULES, few_step_sample
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW, role_param_group
 
@@ -98,10 +99,14 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         if max_generator_updates is not None and max_generator_updates < 1:
             raise ValueError(f"max_generator_updates must be >= 1 or None, got {max_generator_updates}")
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Under LightningCLI the backbone is saved as its class_path/init_args config,
+            # which is how load_from_checkpoint rebuilds it; the nn.Module warning does not apply.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
         self.automatic_optimization = False
         self.backbone = backbone.requires_grad_(False)
-        dtype = _parse_dtype(teacher_dtype)
+        dtype = torch_dtype(teacher_dtype)
         self.teacher = backbone.load_denoiser().to(dtype).requires_grad_(False).eval()
         self.teacher_dtype = dtype
         self.generator = backbone.load_denoiser()
@@ -316,9 +321,3 @@ class DistillationModule(L.LightningModule):
         noise = torch.randn((len(batch["prompts"]), *self.backbone.latent_shape), generator=generator).to(self.device)
         return self.backbone.decode(self.generate(batch["prompts"], noise, generator=generator))
 
-
-def _parse_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; accepted: {tuple(dtypes)}")
-    return dtypes[name]
