@@ -49,6 +49,8 @@ class RDMLightningCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rdm`` and ``python -m rdm_lightning``; ``argv`` defaults to ``sys.argv[1:]``."""
     command_args = sys.argv[1:] if argv is None else argv
+    if not command_args or command_args[0] in ("-h", "--help"):
+        print(f"rdm also has: {', '.join(f'rdm {c}' for c in TOOL_COMMANDS)} (each with --help)\n")
     if command_args and command_args[0] in TOOL_COMMANDS:
         from rdm_lightning import tools
 
