@@ -35,9 +35,6 @@ class Conditioning:
     def __getitem__(self, index) -> "Conditioning":
         return Conditioning({k: v[index] for k, v in self.tensors.items()})
 
-    def to(self, *args, **kwargs) -> "Conditioning":
-        return Conditioning({k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
-
     @staticmethod
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
         keys = items[0].tensors.keys()
