@@ -4,6 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Run the suite on one torch thread: the test models are tiny, so thread start-up dominates
+    and two threads on a busy 2-core machine are many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +44,11 @@ def tiny_digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text_encoder = DigitsTextEncoder(config.text_dim, config.max_tokens)
         denoiser = DigitsDenoiser(config.channels, config.text_dim)
     return save_digits_model(tmp_path_factory.mktemp("tiny_digits_teacher"), config, text_encoder, denoiser)
+
+
+@pytest.fixture(scope="session")
+def digits_gold_classifier(rdm_cache: Path):
+    """The seed-1 gold digits MLP and its test accuracy, trained once per session into ``rdm_cache``."""
+    from rdm_lightning.rewards.digits import load_gold_classifier
+
+    return load_gold_classifier(seed=1, cache=rdm_cache)

@@ -31,13 +31,6 @@ DMD2_LEVELS = torch.tensor([999, 749, 499, 249])
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: thread start-up dominates, and a busy machine makes it much worse.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,6 @@ from rdm_lightning.core.schedules import (
     vp_alphas_cumprod,
 )
 
-torch.set_num_threads(1)
 
 SHAPE = (4, 3, 5, 5)
 F64 = dict(rtol=1e-12, atol=1e-12)

@@ -23,7 +23,6 @@ from rdm_lightning.backbones.digits import DigitsBackbone
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import DMD, DMDConfig, OptimizerConfig, StudentConfig
 
-torch.set_num_threads(1)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*is an instance of `nn.Module`:UserWarning",

@@ -29,7 +29,6 @@ from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import DMD, DMDConfig, OptimizerConfig, RoleAwareAdamW, StudentConfig
 from rdm_lightning.methods.base import TRAINABLE_ROLES
 
-torch.set_num_threads(1)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*is an instance of `nn.Module`:UserWarning",

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PROMPTS = ["a handwritten digit 1", "a handwritten digit 4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def module(teacher, **kwargs) -> DMD:

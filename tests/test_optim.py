@@ -9,7 +9,6 @@ from torch import nn
 
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW, role_param_group
 
-torch.set_num_threads(1)
 
 CONFIG = OptimizerConfig(lr=1e-2, weight_decay=0.1)
 

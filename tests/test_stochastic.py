@@ -33,12 +33,6 @@ SHAPE = (4, 3, 5, 5)
 LEVELS = torch.tensor([1.0, 0.9, 0.75, 0.5], dtype=torch.float64)  # SD3 shift 3, 4 steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _rand(*shape, seed=0, dtype=torch.float32) -> Tensor:

@@ -20,7 +20,8 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from rdm_lightning.data.samplers import EpochShuffleSampler
+from rdm_lightning.core.advantages import check_group_size
+from rdm_lightning.data.groups import train_loader_sampling
 
 DIGIT_PROMPT = "a handwritten digit {label}"
 NUM_CLASSES = 10
@@ -147,6 +148,12 @@ class DigitsDataModule(L.LightningDataModule):
             ``shuffle_seed + e``, so resumed runs see the same batches. Under
             multi-process strategies Lightning shards this order across ranks.
         val_size: How many prompts validation generates for, digits cycling 0..9.
+        group_size: K, copies of each image (and so of its prompt) in a training
+            batch (group-relative methods); must divide ``batch_size``. Above 1 a
+            training batch holds ``batch_size // K`` distinct images, each K times
+            in a row (:class:`~rdm_lightning.data.groups.GroupBatchSampler`), every
+            rank its own images; multi-process runs then need
+            ``trainer.use_distributed_sampler: false``.
     """
 
     def __init__(
@@ -157,6 +164,7 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
         shuffle_seed: int = 0,
         val_size: int = 100,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -167,6 +175,7 @@ class DigitsDataModule(L.LightningDataModule):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if val_size < 1:
             raise ValueError(f"val_size must be >= 1, got {val_size}")
+        check_group_size(batch_size, group_size)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -174,6 +183,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.val_size = val_size
+        self.group_size = group_size
         self.split: DigitsSplit | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -182,10 +192,11 @@ class DigitsDataModule(L.LightningDataModule):
             return
         split = digits_split(self.test_fraction, self.split_seed)
         # drop_last would otherwise yield an empty epoch without any error.
-        if len(split.train_labels) < self.batch_size:
+        if len(split.train_labels) < self.batch_size // self.group_size:
             raise ValueError(
-                f"the train split holds {len(split.train_labels)} images, fewer than batch_size={self.batch_size}; "
-                "lower batch_size or test_fraction"
+                f"the train split holds {len(split.train_labels)} images, fewer than the "
+                f"{self.batch_size // self.group_size} of one batch (batch_size={self.batch_size}, "
+                f"group_size={self.group_size}); lower batch_size or test_fraction"
             )
         self.split = split
 
@@ -194,16 +205,14 @@ class DigitsDataModule(L.LightningDataModule):
         return [index % NUM_CLASSES for index in range(self.val_size)]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches whose order depends only on ``shuffle_seed``."""
+        """Shuffled training batches (of whole image groups) whose order depends only on ``shuffle_seed``."""
         self.setup()
         dataset = _LabelledDigits(self.split.train_images, self.split.train_labels)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed),
-            drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate_digits,
+            **train_loader_sampling(len(dataset), self.batch_size, self.group_size, self.shuffle_seed, self.trainer),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -15,7 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rdm_lightning.data.samplers import EpochShuffleSampler
+from rdm_lightning.core.advantages import check_group_size
+from rdm_lightning.data.groups import train_loader_sampling
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -126,6 +127,12 @@ class PromptDataModule(L.LightningDataModule):
             ``shuffle_seed + e``, so resumed runs see the same batches. Under
             multi-process strategies Lightning shards this order across ranks.
         field: Key of the prompt in ``.jsonl`` objects and the ``.csv`` column.
+        group_size: K, samples per prompt in a training batch (group-relative
+            methods); must divide ``batch_size``. Above 1 a training batch holds
+            ``batch_size // K`` distinct prompts, each K times in a row
+            (:class:`~rdm_lightning.data.groups.GroupBatchSampler`), every rank
+            its own prompts; multi-process runs then need
+            ``trainer.use_distributed_sampler: false``.
     """
 
     def __init__(
@@ -136,12 +143,14 @@ class PromptDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_seed: int = 0,
         field: str = "prompt",
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_group_size(batch_size, group_size)
         self.save_hyperparameters()
         self.train_file = train_file
         self.val_file = val_file
@@ -149,6 +158,7 @@ class PromptDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_seed = shuffle_seed
         self.field = field
+        self.group_size = group_size
         self.train_prompts: list[str] | None = None
         self.val_prompts: list[str] | None = None
 
@@ -158,10 +168,11 @@ class PromptDataModule(L.LightningDataModule):
             return
         train_prompts = load_prompts(self.train_file, self.field)
         # drop_last would otherwise yield an empty epoch without any error.
-        if len(train_prompts) < self.batch_size:
+        if len(train_prompts) < self.batch_size // self.group_size:
             raise ValueError(
-                f"{self.train_file!r} holds {len(train_prompts)} prompts, fewer than batch_size={self.batch_size}; "
-                "lower batch_size or add prompts"
+                f"{self.train_file!r} holds {len(train_prompts)} prompts, fewer than the "
+                f"{self.batch_size // self.group_size} of one batch (batch_size={self.batch_size}, "
+                f"group_size={self.group_size}); lower batch_size or add prompts"
             )
         if self.val_file is None:
             self.val_prompts = train_prompts[: self.batch_size]
@@ -170,16 +181,14 @@ class PromptDataModule(L.LightningDataModule):
         self.train_prompts = train_prompts
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches whose order depends only on ``shuffle_seed``."""
+        """Shuffled batches (of whole prompt groups) whose order depends only on ``shuffle_seed``."""
         self.setup()
         dataset = PromptDataset(self.train_prompts)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed),
-            drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
+            **train_loader_sampling(len(dataset), self.batch_size, self.group_size, self.shuffle_seed, self.trainer),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -10,7 +10,7 @@ real reference. Metrics (see ``DigitsEvaluator``):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,8 +76,9 @@ def train_digits_classifier(
     batch_size: int = 64,
     lr: float = 3e-3,
     weight_decay: float = 1e-4,
-) -> tuple[DigitsClassifier, float]:
-    """Train a ``DigitsClassifier`` on ``split``'s train images, with ±1 pixel random shifts.
+    architecture: Callable[[], nn.Module] = DigitsClassifier,
+) -> tuple[nn.Module, float]:
+    """Train a classifier on ``split``'s train images, with ±1 pixel random shifts.
 
     Args:
         split: The data; training uses only the train half, accuracy the test half.
@@ -86,6 +87,8 @@ def train_digits_classifier(
         batch_size: Images per step.
         lr: Peak AdamW learning rate of a one-cycle schedule (warm-up, then cosine decay to ~0).
         weight_decay: AdamW weight decay.
+        architecture: Builds the untrained network, ``(B, 1, 8, 8)`` images to ``(B, 10)``
+            logits; called under ``seed``.
 
     Returns:
         The classifier in eval mode and its accuracy on the test split.
@@ -96,7 +99,7 @@ def train_digits_classifier(
     # Weight init draws from the global RNG: fork it so training is seeded without side effects.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitsClassifier()
+        model = architecture()
     images, labels = split.train_images, split.train_labels
     steps_per_epoch = len(labels) // batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -141,14 +144,36 @@ def load_digits_classifier(seed: int = 0, cache: str | Path | None = None) -> tu
         ValueError: the test accuracy is below 0.97.
     """
     path = Path(cache if cache is not None else cache_dir()) / "digits" / f"classifier-seed{seed}.pt"
-    model = DigitsClassifier()
+    return load_or_train_classifier(path, DigitsClassifier, seed)
+
+
+def load_or_train_classifier(
+    path: Path, architecture: Callable[[], nn.Module], seed: int, epochs: int = 30
+) -> tuple[nn.Module, float]:
+    """The ``architecture`` network stored at ``path``, or trained on the default split and saved there.
+
+    Args:
+        path: The checkpoint file, ``{"state_dict", "test_accuracy"}``.
+        architecture: Builds the network (see ``train_digits_classifier``).
+        seed: Training seed, used only when ``path`` does not exist yet.
+        epochs: Training epochs, likewise.
+
+    Returns:
+        The network in eval mode and its test accuracy.
+
+    Raises:
+        ValueError: the test accuracy is below 0.97.
+    """
+    model = architecture()
     if path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
         model.eval()
         accuracy = float(checkpoint["test_accuracy"])
     else:
-        model, accuracy = train_digits_classifier(digits_split(), seed=seed)
+        model, accuracy = train_digits_classifier(
+            digits_split(), seed=seed, epochs=epochs, architecture=architecture
+        )
         _save_atomically({"state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
     if accuracy < MIN_TEST_ACCURACY:
         raise ValueError(

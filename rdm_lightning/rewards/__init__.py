@@ -1,0 +1,30 @@
+"""Reward models: ``(images in [0, 1], prompts) -> scores``, with a differentiable flag."""
+from rdm_lightning.rewards.base import (
+    REWARD_ALIASES,
+    RewardModel,
+    RewardTerm,
+    WeightedRewards,
+    build_reward,
+    differentiable_aliases,
+)
+from rdm_lightning.rewards.digits import (
+    DigitsClassifierReward,
+    DigitsGoldReward,
+    DigitsMLP,
+    StrokeContrastReward,
+    load_gold_classifier,
+)
+
+__all__ = [
+    "REWARD_ALIASES",
+    "DigitsClassifierReward",
+    "DigitsGoldReward",
+    "DigitsMLP",
+    "RewardModel",
+    "RewardTerm",
+    "StrokeContrastReward",
+    "WeightedRewards",
+    "build_reward",
+    "differentiable_aliases",
+    "load_gold_classifier",
+]
