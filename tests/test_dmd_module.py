@@ -203,9 +203,9 @@ def test_gan_losses_with_zero_logits(tiny_digits_teacher):
     backbone = module.backbone
     cond, uncond = backbone.encode_prompts(PROMPTS), backbone.empty_conditioning(len(PROMPTS))
     x0 = torch.randn(len(PROMPTS), 1, 8, 8)
-    _, logs = module.generator_loss(x0, cond, uncond)
-    assert logs["train/loss_gan_g"].item() == pytest.approx(math.log(2.0), abs=1e-6)
     batch = {"images": torch.rand(len(PROMPTS), 1, 8, 8), "prompts": PROMPTS}
+    _, logs = module.generator_loss(x0, cond, uncond, batch)
+    assert logs["train/loss_gan_g"].item() == pytest.approx(math.log(2.0), abs=1e-6)
     _, logs = module.fake_score_loss(x0, cond, batch)
     assert logs["train/loss_gan_d"].item() == pytest.approx(2.0 * math.log(2.0), abs=1e-6)
     with pytest.raises(KeyError, match="images"):
@@ -334,7 +334,7 @@ def test_frozen_roles_and_checkpoint_round_trip(tiny_digits_teacher, tmp_path):
 def test_nan_generator_loss_names_role_and_iteration(tiny_digits_teacher, monkeypatch):
     module = make_module(tiny_digits_teacher, ratio=2)
 
-    def nan_loss(x0, cond, uncond):
+    def nan_loss(x0, cond, uncond, batch):
         return x0.mean() * float("nan"), {}
 
     monkeypatch.setattr(module, "generator_loss", nan_loss)
@@ -532,7 +532,7 @@ def test_single_optimizer_generator_step_leaves_critic_bit_identical(tiny_digits
             level = module.student_levels()[0].reshape(1).expand(len(PROMPTS))
             x0 = backbone.predict_x0(module.generator, noise, level, cond)
             if role == "generator":
-                loss, _ = module.generator_loss(x0, cond, uncond)
+                loss, _ = module.generator_loss(x0, cond, uncond, batch)
             else:
                 loss, _ = module.fake_score_loss(x0.detach(), cond, batch)
             optimizer.zero_grad(set_to_none=True)

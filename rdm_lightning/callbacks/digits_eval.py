@@ -29,7 +29,8 @@ def evaluate_sampler(
     images = pl_module.backbone.decode(pl_module.generate(prompts, noise.to(pl_module.device), role=role, generator=generator))
     seconds = time.perf_counter() - start
     metrics = evaluator.evaluate(images.cpu(), prompts)
-    return {**metrics, "nfe": pl_module.nfe(role), "sampling_seconds_per_image": seconds / num_samples}
+    rewards = {f"reward/{name}": reward.score(images, prompts).mean().item() for name, reward in pl_module.reward_models().items()}
+    return {**metrics, **rewards, "nfe": pl_module.nfe(role), "sampling_seconds_per_image": seconds / num_samples}
 
 
 class DigitsEvaluation(L.Callback):
@@ -64,7 +65,7 @@ class DigitsEvaluation(L.Callback):
         entry = {"generator_updates": pl_module.generator_updates, **metrics}
         self.history.append(entry)
         # NFE and sample count are fixed per run: metrics.json has them; curves get what changes.
-        logged = {k: metrics[k] for k in ("digits_fd", "prompt_accuracy", "sampling_seconds_per_image")}
+        logged = {k: v for k, v in metrics.items() if k not in ("nfe", "num_samples")}
         pl_module.log_dict({f"eval/{k}": float(v) for k, v in logged.items()}, rank_zero_only=True)
         return entry
 

@@ -1,12 +1,15 @@
 """LightningModules of the distillation methods."""
 from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMD, DMDConfig
+from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.teacher import DigitsTeacherPretraining, ensure_digits_teacher
 
 __all__ = [
     "DMD",
     "DMDConfig",
+    "DMDR",
+    "DMDRConfig",
     "DigitsTeacherPretraining",
     "DistillationModule",
     "OptimizerConfig",

@@ -25,7 +25,7 @@ from rdm_lightning.core.sampling import STEP_RULES, few_step_sample
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW, role_param_group
 
 TRAINABLE_ROLES = ("generator", "fake_score")
-FROZEN_PREFIXES = ("teacher.", "backbone.")
+FROZEN_PREFIXES = ("teacher.", "backbone.", "rewards.", "gold_rewards.")
 
 
 @dataclass
@@ -232,6 +232,10 @@ class DistillationModule(L.LightningModule):
         config = self.optimizer_configs[role]
         return lambda _: config.warmup_factor(self.role_updates[role])
 
+    def reward_models(self) -> dict[str, nn.Module]:
+        """Rewards to report beside the digits metrics, by name (optimized and gold); none here."""
+        return {}
+
     # ---- EMA of the generator -------------------------------------------------------------
     def enable_generator_ema(self) -> nn.Module:
         """Create (once) the frozen EMA copy of the generator; it is checkpointed with the module."""
@@ -246,7 +250,7 @@ class DistillationModule(L.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen teacher and backbone are reloaded from their paths; keep them out.
+        # The frozen teacher, backbone and rewards are reloaded from their paths; keep them out.
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]

@@ -121,12 +121,20 @@ class DMD(DistillationModule):
             self.discriminator_head = DiscriminatorHead(channels, height)
 
     # ---- losses ---------------------------------------------------------------------------
+    def dm_levels(self, n: int) -> Tensor:
+        """Re-noising levels of the DM loss: ``u ~ U[dm_level_range]``."""
+        return self.sample_levels(n, *self.dmd.dm_level_range)
+
+    def real_guidance_scale(self) -> float:
+        """CFG scale of the real score for this generator update."""
+        return self.dmd.guidance_scale
+
     def distribution_matching_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor]:
         """``L_DM`` of generator samples ``x0`` and the DMD gradient ``g`` (dmd2.md §2)."""
-        level = self.sample_levels(len(x0), *self.dmd.dm_level_range)
+        level = self.dm_levels(len(x0))
         x_noisy = self.backbone.schedule.add_noise(x0.detach(), self.randn(x0.shape), level)
         with torch.no_grad():
-            x0_real = self.teacher_x0(x_noisy, level, cond, self.dmd.guidance_scale, uncond)
+            x0_real = self.teacher_x0(x_noisy, level, cond, self.real_guidance_scale(), uncond)
             x0_fake = self.backbone.predict_x0(self.fake_score, x_noisy, level, cond)
         gradient = dmd_gradient(x0.detach(), x0_real, x0_fake, self.dmd.norm_eps)
         return dmd_loss(x0, gradient), gradient
@@ -137,7 +145,7 @@ class DMD(DistillationModule):
         x_noisy = self.backbone.schedule.add_noise(x0, self.randn(x0.shape), level)
         return self.discriminator_head(self.backbone.features(self.fake_score, x_noisy, level, cond))
 
-    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, dict]:
+    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_G = L_DM + w_G·gan_G`` for generator samples ``x0`` (with grad)."""
         loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
         logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
@@ -192,7 +200,7 @@ class DMD(DistillationModule):
         if self.is_generator_iteration():
             with self.trainable_role("generator"):
                 x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
-                loss, logs = self.generator_loss(x0, cond, uncond)
+                loss, logs = self.generator_loss(x0, cond, uncond, batch)
                 self.step_role("generator", loss)
             x0 = x0.detach()
         else:
