@@ -2,6 +2,8 @@
 from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
+from rdm_lightning.methods.gndm import GNDM, GNDMConfig
+from rdm_lightning.methods.gdmd import GDMD, GDMDConfig
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.teacher import DigitsTeacherPretraining, ensure_digits_teacher
 
@@ -10,8 +12,12 @@ __all__ = [
     "DMDConfig",
     "DMDR",
     "DMDRConfig",
+    "GDMD",
+    "GDMDConfig",
     "DigitsTeacherPretraining",
     "DistillationModule",
+    "GNDM",
+    "GNDMConfig",
     "OptimizerConfig",
     "RoleAwareAdamW",
     "StudentConfig",

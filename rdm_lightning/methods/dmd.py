@@ -129,14 +129,29 @@ class DMD(DistillationModule):
         """CFG scale of the real score for this generator update."""
         return self.dmd.guidance_scale
 
+    def dm_estimates(
+        self, x: Tensor, cond: Conditioning, uncond: Conditioning, guidance_scale: float | None = None
+    ) -> tuple[Tensor, Tensor, float]:
+        """One DM draw at detached samples ``x``: ``(x̂_real, x̂_fake, real CFG scale)``.
+
+        Draw order: level, noise, then the CFG scale (when ``guidance_scale`` is None).
+        """
+        level = self.dm_levels(len(x))
+        x_noisy = self.backbone.schedule.add_noise(x, self.randn(x.shape), level)
+        scale = self.real_guidance_scale() if guidance_scale is None else guidance_scale
+        with torch.no_grad():
+            x0_real = self.teacher_x0(x_noisy, level, cond, scale, uncond)
+            x0_fake = self.backbone.predict_x0(self.fake_score, x_noisy, level, cond)
+        return x0_real, x0_fake, scale
+
+    def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+        """The DMD gradient ``g`` with the per-sample normaliser (dmd2.md §2, step 5)."""
+        return dmd_gradient(x, x0_real, x0_fake, self.dmd.norm_eps)
+
     def distribution_matching_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor]:
         """``L_DM`` of generator samples ``x0`` and the DMD gradient ``g`` (dmd2.md §2)."""
-        level = self.dm_levels(len(x0))
-        x_noisy = self.backbone.schedule.add_noise(x0.detach(), self.randn(x0.shape), level)
-        with torch.no_grad():
-            x0_real = self.teacher_x0(x_noisy, level, cond, self.real_guidance_scale(), uncond)
-            x0_fake = self.backbone.predict_x0(self.fake_score, x_noisy, level, cond)
-        gradient = dmd_gradient(x0.detach(), x0_real, x0_fake, self.dmd.norm_eps)
+        x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), cond, uncond)
+        gradient = self.dm_gradient(x0.detach(), x0_real, x0_fake)
         return dmd_loss(x0, gradient), gradient
 
     def discriminator_logits(self, x0: Tensor, cond: Conditioning) -> Tensor:

@@ -50,6 +50,16 @@ class DMDRConfig:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
 
 
+def weighted_rewards(rewards: list[RewardModel], weights: dict[str, float]) -> WeightedRewards | None:
+    """The rewards with their weights by name, or None for no rewards; every reward needs exactly one weight."""
+    names = [reward.name for reward in rewards]
+    missing = sorted(set(names) - set(weights))
+    unknown = sorted(set(weights) - set(names))
+    if missing or unknown:
+        raise ValueError(f"reward_weights must give one weight per reward {names}: missing {missing}, unknown {unknown}")
+    return WeightedRewards([RewardTerm(r, weights[r.name]) for r in rewards]) if rewards else None
+
+
 class DMDR(DMD):
     """DMD2 jointly trained with differentiable rewards (ReFL hinge), after a pure-DMD cold start.
 
@@ -72,7 +82,7 @@ class DMDR(DMD):
     def __init__(
         self,
         backbone: Backbone,
-        rewards: list[RewardModel],
+        rewards: list[RewardModel] | None = None,
         gold_rewards: list[RewardModel] | None = None,
         dmdr: DMDRConfig = DMDRConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
@@ -89,24 +99,25 @@ class DMDR(DMD):
             max_generator_updates,
         )
         if dmd.use_gan:
-            raise ValueError("DMDR trains without a GAN head: set dmd.gan_generator_weight to 0")
-        if not rewards:
-            raise ValueError("DMDR needs at least one reward in `rewards`")
-        names = [reward.name for reward in rewards]
-        missing = sorted(set(names) - set(dmdr.reward_weights))
-        unknown = sorted(set(dmdr.reward_weights) - set(names))
-        if missing or unknown:
-            raise ValueError(
-                f"dmdr.reward_weights must give one weight per reward {names}: missing {missing}, unknown {unknown}"
-            )
+            raise ValueError(f"{type(self).__name__} trains without a GAN head: set dmd.gan_generator_weight to 0")
         self.dmdr = dmdr
-        self.rewards = WeightedRewards([RewardTerm(r, dmdr.reward_weights[r.name]) for r in rewards])
-        self.rewards.require_differentiable()
+        self.rewards = weighted_rewards(rewards or [], dmdr.reward_weights)
         self.gold_rewards = nn.ModuleList(gold_rewards or [])
+        self.check_rewards()
+
+    def check_rewards(self) -> None:
+        """DMDR back-propagates every reward (ReFL): it needs at least one, all differentiable."""
+        if self.rewards is None:
+            raise ValueError(f"{type(self).__name__} needs at least one reward in `rewards`")
+        self.rewards.require_differentiable()
+
+    def reward_terms(self) -> tuple[RewardTerm, ...]:
+        """The optimized rewards with their weights (none when there are no rewards)."""
+        return self.rewards.terms if self.rewards is not None else ()
 
     def reward_models(self) -> dict[str, nn.Module]:
         gold = {f"gold/{reward.name}": reward for reward in self.gold_rewards}
-        return {**{term.name: term.reward for term in self.rewards.terms}, **gold}
+        return {**{term.name: term.reward for term in self.reward_terms()}, **gold}
 
     def dm_levels(self, n: int) -> Tensor:
         """DynaRS: ``u ~ Beta(a(u), b(u))`` mapped through the schedule (σ = u without shift)."""
@@ -128,7 +139,7 @@ class DMDR(DMD):
         if not self.in_cold_start():
             images = self.backbone.decode(x0)
             scores = self.rewards.score_all(images, prompts, with_grad=True)
-            for term in self.rewards.terms:
+            for term in self.reward_terms():
                 reward_loss = hinge_reward_loss(scores[term.name], term.weight, self.dmdr.reward_hinge)
                 loss = loss + reward_loss
                 logs[f"reward/{term.name}"] = scores[term.name].detach().mean()

@@ -1,0 +1,266 @@
+"""GDMD (``gdmd.md``): rewards of the implicit DMD target reweight each sample's DMD update.
+
+Per generator update ``u``, on a batch of ``B/K`` prompts repeated ``K`` times in a row::
+
+    g_i  = DM direction (per-sample or group-mean normaliser, ε_n = 1e-8)
+    x̃_i  = sg(x_i − η·g_i)                                   the implicit target
+    w_i  = 1                                                  (u < cold_start_updates)
+    w_i  = weights(Σ_m ω_m·Â^m_i),  Â^m = group-normalised R_m(decode(x̃))   (afterwards, no grad)
+    L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − x̃_i)²)           ⇒ ∂L/∂x_i = w_i·η·g_i / N
+
+The substrate is DMDR without its reward term (DynaRS, CFG jitter, TTUR 5, no
+GAN). Rewards are only scored, never differentiated, so non-differentiable
+rewards (e.g. the digits gold classifier) can be optimized. Implemented:
+``mode=weighted`` (B1) with ``softmax`` or ``linear`` weighting, ``reward_signal``
+``target`` or ``improvement``, any η, and the ``per_sample`` or ``group_mean``
+(GNDM-A1) normaliser. Not yet: the B2 reward-gradient auxiliary and the B3 GRPO
+mode (their switches raise ``NotImplementedError``).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.core.advantages import (
+    check_group_size,
+    clipped_advantage_weights,
+    combine_weighted,
+    normalize_per_reward,
+    softmax_group_weights,
+)
+from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.dmd import DMDConfig
+from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
+from rdm_lightning.methods.optim import OptimizerConfig
+from rdm_lightning.rewards.base import RewardModel
+
+MODES = ("weighted", "grpo")
+NORMALIZERS = ("per_sample", "group_mean")
+REWARD_SIGNALS = ("target", "improvement")
+WEIGHTINGS = ("softmax", "linear")
+B2_SCALES = ("matched", "raw")
+# gdmd.md §2.2: below this group size the softmax weights of a group are too coarse to guard
+# against diversity collapse, so the module warns.
+RECOMMENDED_GROUP_SIZE = 8
+
+
+def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+
+@dataclass
+class GDMDConfig:
+    """GDMD settings (defaults: gdmd.md §2; the cold start mirrors DMDR's SD3-M run)."""
+
+    mode: str = "weighted"
+    """``weighted``: B1, reward-weighted DMD (gdmd.md §2.2); ``grpo``: B3 (§2.4, not implemented)."""
+    eta: float = 1.0
+    """η, the step of the implicit target ``x̃ = sg(x − η·g)``; 1 makes x̃ the regression target of L_DM."""
+    normalizer: str = "per_sample"
+    """DM normaliser: ``per_sample`` (DMD's ``n_i``) or ``group_mean`` (GNDM-A1: the group's mean ``n̄``)."""
+    reward_signal: str = "target"
+    """``target``: r = R(decode(x̃)); ``improvement``: Δ = R(decode(x̃)) − R(decode(x))."""
+    weighting: str = "softmax"
+    """``softmax``: w = min(K·softmax_group(A/T), w_max); ``linear``: w = (1 + κ·clip(A, −c, c))₊."""
+    temperature: float = 1.0
+    """T of the ``softmax`` weighting (> 0)."""
+    w_max: float | None = 3.0
+    """Cap of the ``softmax`` weights, not renormalised after capping; ``None``: no cap."""
+    kappa: float = 0.5
+    """κ of the ``linear`` weighting (>= 0; 0 gives every w = 1)."""
+    advantage_clip: float = 2.0
+    """c of the ``linear`` weighting: |A| is clipped to c before weighting (> 0)."""
+    group_size: int = 8
+    """K, samples per prompt; the data must repeat each prompt K times in a row
+    (``DigitsDataModule(group_size=K)``). Warns below 8."""
+    b2_weight: float = 0.0
+    """λ_B2 of the B2 reward-gradient auxiliary (§2.3); 0 (off) is the only implemented value."""
+    b2_scale: str = "matched"
+    """B2 scaling, ``matched`` or ``raw`` (§2.3); used only when ``b2_weight > 0``."""
+    cold_start_updates: int = 2000
+    """N0: generator updates with w ≡ 1 and no reward call (the spec's ``cold_start_gen_steps``)."""
+    dynamic_renoise_updates: int = 2000
+    """DynaRS period ``K_rs`` of the DM re-noising (as DMDR); 0 = uniform."""
+    guidance_jitter: float = 0.5
+    """The real CFG scale is drawn from ``U[w − j, w + j]`` each generator update (as DMDR; 0: fixed)."""
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    """ω_m of each reward's group-normalised advantage in A = Σ_m ω_m·Â^m, by reward name; every reward needs one."""
+
+    def __post_init__(self):
+        for name, accepted in (
+            ("mode", MODES),
+            ("normalizer", NORMALIZERS),
+            ("reward_signal", REWARD_SIGNALS),
+            ("weighting", WEIGHTINGS),
+            ("b2_scale", B2_SCALES),
+        ):
+            _check_choice(name, getattr(self, name), accepted)
+        if self.eta <= 0:
+            raise ValueError(f"eta must be > 0, got {self.eta}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.w_max is not None and self.w_max <= 0:
+            raise ValueError(f"w_max must be > 0 or None, got {self.w_max}")
+        if self.kappa < 0 or self.advantage_clip <= 0:
+            raise ValueError(f"need kappa >= 0 and advantage_clip > 0, got {self.kappa}, {self.advantage_clip}")
+        if self.group_size < 2:
+            # K = 1 makes every advantage 0, so GDMD would silently reduce to DMD.
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.group_size < RECOMMENDED_GROUP_SIZE:
+            warnings.warn(
+                f"GDMD group_size={self.group_size} < {RECOMMENDED_GROUP_SIZE}: gdmd.md recommends K >= 8 "
+                "against diversity collapse",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.b2_weight < 0:
+            raise ValueError(f"b2_weight must be >= 0, got {self.b2_weight}")
+        if self.cold_start_updates < 0 or self.dynamic_renoise_updates < 0:
+            raise ValueError(
+                f"cold_start_updates and dynamic_renoise_updates must be >= 0, "
+                f"got {self.cold_start_updates}, {self.dynamic_renoise_updates}"
+            )
+        if self.guidance_jitter < 0:
+            raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
+        if self.mode == "grpo":
+            raise NotImplementedError("GDMD mode='grpo' (B3): only mode='weighted' (B1) is implemented")
+        if self.b2_weight > 0:
+            raise NotImplementedError(
+                f"GDMD b2_weight={self.b2_weight}: the B2 reward-gradient auxiliary is not implemented; use 0"
+            )
+
+
+def check_prompt_groups(prompts: Sequence[str], group_size: int) -> None:
+    """Raise unless ``prompts`` is whole groups of ``group_size`` identical consecutive prompts.
+
+    Raises:
+        ValueError: the batch is not a multiple of K, or a group mixes prompts (naming it).
+    """
+    check_group_size(len(prompts), group_size)
+    for start in range(0, len(prompts), group_size):
+        group = list(prompts[start : start + group_size])
+        if len(set(group)) > 1:
+            raise ValueError(
+                f"GDMD needs each prompt repeated group_size={group_size} times in a row, but samples "
+                f"{start}..{start + group_size - 1} have prompts {group}; set the data's group_size to "
+                f"{group_size} (e.g. DigitsDataModule(group_size={group_size}))"
+            )
+
+
+class GDMD(DMDR):
+    """DMDR's substrate whose per-sample DMD updates are weighted by group advantages of the
+    rewards of the implicit target ``x − η·g`` (gdmd.md B1).
+
+    Args:
+        backbone: model family adapter.
+        rewards: the rewards that weight the update; only scored (no gradient), so they need not
+            be differentiable.
+        gold_rewards: rewards that are scored and logged on generator samples, never optimized.
+        gdmd: GDMD settings: target step, weighting, group size, cold start, DynaRS, reward weights.
+        dmd: DMD2 settings (GDMD uses ε_n = 1e-8, TTUR 5, no GAN).
+        generator_optimizer: AdamW of the generator.
+        fake_score_optimizer: AdamW of the fake score.
+        student: the generator's sampler.
+        teacher_sampling: the teacher's default sampler.
+        teacher_dtype: dtype of the frozen teacher.
+        seed: seed of the module's random stream.
+        max_generator_updates: stop fit after this many generator updates.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        rewards: list[RewardModel],
+        gold_rewards: list[RewardModel] | None = None,
+        gdmd: GDMDConfig = GDMDConfig(),
+        dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
+        generator_optimizer: OptimizerConfig = OptimizerConfig(),
+        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
+        student: StudentConfig = StudentConfig(),
+        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
+        teacher_dtype: str = "float32",
+        seed: int = 0,
+        max_generator_updates: int | None = None,
+    ):
+        # DMDR's hooks (cold start, DynaRS levels, CFG jitter) read their settings from `dmdr`.
+        dmdr = DMDRConfig(
+            cold_start_updates=gdmd.cold_start_updates,
+            guidance_jitter=gdmd.guidance_jitter,
+            dynamic_renoise_updates=gdmd.dynamic_renoise_updates,
+            reward_weights=dict(gdmd.reward_weights),
+        )
+        super().__init__(
+            backbone, rewards, gold_rewards, dmdr, dmd, generator_optimizer, fake_score_optimizer, student,
+            teacher_sampling, teacher_dtype, seed, max_generator_updates,
+        )
+        self.gdmd = gdmd
+
+    def check_rewards(self) -> None:
+        """GDMD only scores its rewards (no gradient through them): any reward works, at least one."""
+        if self.rewards is None:
+            raise ValueError("GDMD needs at least one reward in `rewards`")
+
+    def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+        """``g`` with the configured normaliser (``group_mean``: GNDM-A1's ``n̄ + ε_n``)."""
+        if self.gdmd.normalizer == "group_mean":
+            return group_dmd_gradient(x, x0_real, x0_fake, self.gdmd.group_size, self.dmd.norm_eps)
+        return super().dm_gradient(x, x0_real, x0_fake)
+
+    def sample_weights(self, target_scores: dict[str, Tensor], sample_scores: dict[str, Tensor]) -> Tensor:
+        """Detached per-sample weights ``w`` ``[B]`` from the rewards of the targets and of the samples.
+
+        Args:
+            target_scores: ``r^m`` of ``decode(x̃)`` per reward, ``[B]`` each.
+            sample_scores: ``r^m`` of ``decode(x)``; used by ``reward_signal=improvement``.
+        """
+        config = self.gdmd
+        # Group statistics need no cross-rank gather: the group batch sampler keeps groups on one rank.
+        if config.reward_signal == "improvement":
+            signals = {name: target_scores[name] - sample_scores[name] for name in target_scores}
+        else:
+            signals = target_scores
+        advantages = combine_weighted(normalize_per_reward(signals, config.group_size), config.reward_weights)
+        if config.weighting == "softmax":
+            return softmax_group_weights(advantages, config.group_size, config.temperature, config.w_max)
+        return clipped_advantage_weights(advantages, config.kappa, config.advantage_clip)
+
+    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+        """``L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − η·g_i))²)``; w ≡ 1 during the cold start."""
+        prompts = batch["prompts"]
+        check_prompt_groups(prompts, self.gdmd.group_size)
+        loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
+        direction = self.gdmd.eta * gradient
+        logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
+        if self.in_cold_start():
+            # No reward model runs during the cold start (gdmd.md §2.5).
+            weights = torch.ones(len(x0), device=x0.device)
+        else:
+            with torch.no_grad():
+                target_images = self.backbone.decode(x0.detach() - direction)
+                sample_images = self.backbone.decode(x0.detach())
+                target_scores = self.rewards.score_all(target_images, prompts)
+                sample_scores = self.rewards.score_all(sample_images, prompts)
+            weights = self.sample_weights(target_scores, sample_scores)
+            for name in self.rewards.names:
+                logs[f"reward/{name}/target"] = target_scores[name].mean()
+                logs[f"reward/{name}/sample"] = sample_scores[name].mean()
+        loss = weighted_dmd_loss(x0, direction, weights)
+        logs.update({
+            "train/loss_gdmd": loss.detach(),
+            "train/gdmd_weight_mean": weights.mean(),
+            "train/gdmd_weight_std": weights.std(unbiased=False),
+            "train/gdmd_weight_min": weights.min(),
+            "train/gdmd_weight_max": weights.max(),
+        })
+        if self.gold_rewards:
+            images = self.backbone.decode(x0.detach())
+            for reward in self.gold_rewards:
+                logs[f"reward/gold/{reward.name}"] = reward.score(images, prompts).mean()
+        return loss, logs
