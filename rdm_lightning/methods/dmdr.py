@@ -132,6 +132,10 @@ class DMDR(DMD):
     def in_cold_start(self) -> bool:
         return self.generator_updates < self.dmdr.cold_start_updates
 
+    def reward_loss(self, scores: Tensor, term: RewardTerm) -> Tensor:
+        """The ReFL term of one reward: ``w_m·mean(ReLU(hinge − r_m))`` (scores carry gradients)."""
+        return hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
+
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_DM`` during the cold start, then ``L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))``."""
         loss, logs = super().generator_loss(x0, cond, uncond, batch)
@@ -140,8 +144,7 @@ class DMDR(DMD):
             images = self.backbone.decode(x0)
             scores = self.rewards.score_all(images, prompts, with_grad=True)
             for term in self.reward_terms():
-                reward_loss = hinge_reward_loss(scores[term.name], term.weight, self.dmdr.reward_hinge)
-                loss = loss + reward_loss
+                loss = loss + self.reward_loss(scores[term.name], term)
                 logs[f"reward/{term.name}"] = scores[term.name].detach().mean()
         if self.gold_rewards:
             images = self.backbone.decode(x0.detach())
