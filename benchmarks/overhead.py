@@ -104,7 +104,7 @@ def plain_run(iterations: int, batch_size: int) -> float:
         torch.nn.utils.clip_grad_norm_(fake_score.parameters(), OPTIMIZER.grad_clip)
         opt_f.step()
         generator.requires_grad_(True)
-        float(loss)  # the module logs its losses, which synchronises the same way
+        float(loss.detach())  # the module logs its losses, which synchronises the same way
     return per_iteration(stamps)
 
 
