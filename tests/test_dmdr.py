@@ -145,3 +145,35 @@ def test_real_guidance_is_jittered_within_its_range(tiny_digits_teacher):
     scales = [module.real_guidance_scale() for _ in range(200)]
     w = module.dmd.guidance_scale
     assert min(scales) >= w - 0.5 and max(scales) <= w + 0.5 and max(scales) - min(scales) > 0.8
+
+
+def test_reward_logging_scores_every_reward_on_fixed_samples(tiny_digits_teacher, rdm_cache, monkeypatch, tmp_path):
+    import lightning as L
+
+    from rdm_lightning.callbacks import RewardLogging
+    from rdm_lightning.data import DigitsDataModule
+
+    monkeypatch.setenv("RDM_CACHE", str(rdm_cache))
+    module = DMDR(DigitsBackbone(str(tiny_digits_teacher)), rewards=[CountingReward()],
+                  gold_rewards=[DigitsGoldReward(name="gold")],
+                  dmdr=DMDRConfig(cold_start_updates=0, reward_weights={"counting": 0.5}),
+                  dmd=DMDConfig(generator_update_ratio=1), max_generator_updates=2)
+    logging = RewardLogging(PROMPTS, num_samples=6, every_n_updates=1)
+    first = logging.score(module)
+    assert set(first) == {f"reward_eval/{n}/{s}" for n in ("counting", "gold/gold") for s in ("mean", "std")}
+    assert logging.score(module) == first  # fixed noise: same samples, same scores
+    trainer = L.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[logging])
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    assert "reward_eval/gold/gold/std" in trainer.callback_metrics
+    assert trainer.callback_metrics["reward_eval/counting/mean"].item() != first["reward_eval/counting/mean"]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        RewardLogging([])
+
+
+def test_reward_logging_refuses_a_method_without_rewards(tiny_digits_teacher):
+    from rdm_lightning.callbacks import RewardLogging
+    from rdm_lightning.methods import DMD
+
+    with pytest.raises(ValueError, match="DMD has no rewards"):
+        RewardLogging(PROMPTS).setup(None, DMD(DigitsBackbone(str(tiny_digits_teacher))), "fit")

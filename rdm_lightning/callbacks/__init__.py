@@ -1,7 +1,8 @@
-"""Callbacks: generator EMA, sample grids, digits evaluation, training curves."""
+"""Callbacks: generator EMA, sample grids, digits evaluation, reward logging, training curves."""
 from rdm_lightning.callbacks.curves import TrainingCurves, plot_curves
 from rdm_lightning.callbacks.digits_eval import DigitsEvaluation
 from rdm_lightning.callbacks.ema import GeneratorEMA
+from rdm_lightning.callbacks.rewards import RewardLogging
 from rdm_lightning.callbacks.samples import SampleGrid
 
-__all__ = ["DigitsEvaluation", "GeneratorEMA", "SampleGrid", "TrainingCurves", "plot_curves"]
+__all__ = ["DigitsEvaluation", "GeneratorEMA", "RewardLogging", "SampleGrid", "TrainingCurves", "plot_curves"]

@@ -39,7 +39,8 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) ->
 
 
 class TrainingCurves(L.Callback):
-    """Records every logged ``train/*``, ``eval/*`` and ``reward/*`` scalar and plots them to ``curves.png``.
+    """Records every logged ``train/*``, ``eval/*``, ``reward/*`` and ``reward_eval/*`` scalar;
+    plots them to ``curves.png``.
 
     ``callback_metrics`` keeps a metric's last value until it is logged again, so a
     point is recorded when a value changes (losses every logged step, evaluations
@@ -59,7 +60,7 @@ class TrainingCurves(L.Callback):
     def on_train_batch_end(self, trainer, pl_module: DistillationModule, outputs, batch, batch_idx) -> None:
         updates = pl_module.generator_updates
         for name, value in trainer.callback_metrics.items():
-            if name.startswith(("train/", "eval/", "reward/")) and value.numel() == 1:
+            if name.startswith(("train/", "eval/", "reward/", "reward_eval/")) and value.numel() == 1:
                 points = self.curves[name]
                 if not points or points[-1][1] != float(value):
                     points.append((updates, float(value)))
