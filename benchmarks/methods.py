@@ -1,0 +1,103 @@
+"""Digits benchmark of every method: quality, optimized rewards and the gold reward, mean ± std over seeds.
+
+    python benchmarks/methods.py [--methods dmd dmdr gndm gndmr gdmd] [--seeds 0 1 2] [--updates 400]
+
+Each run is `rdm fit --config configs/digits/<method>.yaml` with the seed and the
+same number of generator updates. Every student (and the teacher's default
+sampler) is then scored on the same 1,000 class-balanced samples from fixed noise
+with the same rewards — digit log-probability, stroke contrast and the gold
+classifier — so methods that do not optimize a reward are measured on it too.
+Prints a markdown table and the issue's targets; writes table.md and results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from rdm_lightning.callbacks.digits_eval import balanced_digit_prompts
+from rdm_lightning.cli import RDMLightningCLI
+from rdm_lightning.evaluation.digits import DigitsEvaluator
+from rdm_lightning.rewards import DigitsClassifierReward, DigitsGoldReward, StrokeContrastReward
+
+METHODS = ("dmd", "dmdr", "gndm", "gndmr", "gdmd")
+EVAL_SEED = 1234
+
+
+def fit(method: str, seed: int, updates: int, output: Path):
+    cli = RDMLightningCLI(
+        args=[
+            "fit", "--config", f"configs/digits/{method}.yaml",
+            f"--seed_everything={seed}", f"--model.init_args.seed={seed}",
+            f"--model.init_args.max_generator_updates={updates}",
+            f"--trainer.logger.init_args.save_dir={output}", f"--trainer.logger.init_args.name={method}_seed{seed}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    return cli.model
+
+
+@torch.no_grad()
+def score(module, role: str, num_samples: int, evaluator: DigitsEvaluator, rewards: dict) -> dict:
+    """Digits metrics and common rewards of ``num_samples`` samples from fixed noise."""
+    prompts = balanced_digit_prompts(num_samples)
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    noise = torch.randn((num_samples, *module.backbone.latent_shape), generator=generator).to(module.device)
+    images = module.backbone.decode(module.generate(prompts, noise, role=role, generator=generator)).cpu()
+    metrics = evaluator.evaluate(images, prompts)
+    metrics.update({name: reward.score(images, prompts).mean().item() for name, reward in rewards.items()})
+    return metrics
+
+
+def summary(runs: list[dict], key: str) -> tuple[float, float]:
+    values = [run[key] for run in runs]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--updates", type=int, default=400)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--output", type=Path, default=Path("runs/benchmarks/methods"))
+    args = parser.parse_args()
+
+    evaluator = DigitsEvaluator.default()
+    rewards = {"digit_logprob": DigitsClassifierReward(), "stroke_contrast": StrokeContrastReward(),
+               "gold": DigitsGoldReward()}
+    results: dict[str, list[dict]] = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            module = fit(method, seed, args.updates, args.output)
+            if "teacher" not in results:
+                results["teacher"] = [score(module, "teacher", args.num_samples, evaluator, rewards)]
+            results.setdefault(method, []).append(score(module, "generator", args.num_samples, evaluator, rewards))
+
+    keys = ("digits_fd", "prompt_accuracy", "digit_logprob", "stroke_contrast", "gold")
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, runs in results.items():
+        cells = [f"{m:.4g} ± {s:.2g}" for m, s in (summary(runs, k) for k in keys)]
+        lines.append(f"| {name} ({len(runs)} run{'s' if len(runs) > 1 else ''}) | " + " | ".join(cells) + " |")
+    mean = {name: {k: summary(runs, k)[0] for k in keys} for name, runs in results.items()}
+    checks = {}
+    if "dmd" in mean and "gndm" in mean:
+        checks["GNDM digits-FD <= DMD's"] = mean["gndm"]["digits_fd"] <= mean["dmd"]["digits_fd"]
+    for method in ("dmdr", "gndmr", "gdmd"):
+        if method in mean and "dmd" in mean:
+            m, d, t = mean[method], mean["dmd"], mean["teacher"]
+            checks[f"{method}: digit log-prob above teacher and DMD"] = m["digit_logprob"] > max(t["digit_logprob"], d["digit_logprob"])
+            checks[f"{method}: prompt accuracy >= DMD"] = m["prompt_accuracy"] >= d["prompt_accuracy"]
+            checks[f"{method}: digits-FD <= 1.5x DMD"] = m["digits_fd"] <= 1.5 * d["digits_fd"]
+    table = "\n".join(lines + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()])
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "table.md").write_text(table + "\n")
+    (args.output / "results.json").write_text(json.dumps(results, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
