@@ -17,6 +17,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Seed torch's global RNG before every test, so a random input that fails fails every time."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def rdm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A temporary cache root for the whole session; tests point ``$RDM_CACHE`` here with monkeypatch."""
