@@ -20,8 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from rdm_lightning.core.advantages import check_group_size
-from rdm_lightning.data.groups import train_loader_sampling
+from rdm_lightning.data.groups import check_loader_args, train_loader_sampling
 
 DIGIT_PROMPT = "a handwritten digit {label}"
 NUM_CLASSES = 10
@@ -167,15 +166,11 @@ class DigitsDataModule(L.LightningDataModule):
         group_size: int = 1,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_loader_args(batch_size, num_workers, group_size)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if val_size < 1:
             raise ValueError(f"val_size must be >= 1, got {val_size}")
-        check_group_size(batch_size, group_size)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers

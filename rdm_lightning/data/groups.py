@@ -18,6 +18,15 @@ from rdm_lightning.core.advantages import check_group_size
 from rdm_lightning.data.samplers import EpochShuffleSampler
 
 
+def check_loader_args(batch_size: int, num_workers: int, group_size: int) -> None:
+    """The checks every training DataModule makes of its loader arguments."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    check_group_size(batch_size, group_size)
+
+
 class GroupBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size // group_size`` distinct items, each repeated ``group_size`` times.
 

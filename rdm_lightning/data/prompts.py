@@ -15,8 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rdm_lightning.core.advantages import check_group_size
-from rdm_lightning.data.groups import train_loader_sampling
+from rdm_lightning.data.groups import check_loader_args, train_loader_sampling
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -146,11 +145,7 @@ class PromptDataModule(L.LightningDataModule):
         group_size: int = 1,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        check_group_size(batch_size, group_size)
+        check_loader_args(batch_size, num_workers, group_size)
         self.save_hyperparameters()
         self.train_file = train_file
         self.val_file = val_file
