@@ -19,7 +19,7 @@ from rdm_lightning.core.group_dmd import (
 from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig
-from rdm_lightning.methods.gndm import check_grouped_prompts
+from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.rewards import RewardModel, StrokeContrastReward
 
 PROMPTS = ["a handwritten digit 2"] * 4 + ["a handwritten digit 5"] * 4

@@ -7,7 +7,7 @@ never span ranks: every rank takes its own groups from one shared permutation.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,23 @@ def check_loader_args(batch_size: int, num_workers: int, group_size: int) -> Non
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     check_group_size(batch_size, group_size)
+
+
+def check_grouped_prompts(prompts: Sequence[str], group_size: int) -> None:
+    """Raise unless ``prompts`` is K-repeated: whole groups of ``group_size`` identical consecutive prompts.
+
+    Raises:
+        ValueError: naming the batch size, or the first group whose prompts differ.
+    """
+    check_group_size(len(prompts), group_size)
+    for start in range(0, len(prompts), group_size):
+        group = list(prompts[start : start + group_size])
+        if len(set(group)) > 1:
+            raise ValueError(
+                f"batch is not K-repeated for group_size={group_size}: samples {start}..{start + group_size - 1} "
+                f"have prompts {group}; set the data module's group_size to {group_size} "
+                f"(e.g. DigitsDataModule(group_size={group_size}))"
+            )
 
 
 class GroupBatchSampler(Sampler[list[int]]):

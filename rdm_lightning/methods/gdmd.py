@@ -19,7 +19,6 @@ mode (their switches raise ``NotImplementedError``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,13 +26,13 @@ from torch import Tensor
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.advantages import (
-    check_group_size,
     clipped_advantage_weights,
     combine_weighted,
     normalize_per_reward,
     softmax_group_weights,
 )
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
+from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
@@ -137,23 +136,6 @@ class GDMDConfig:
             )
 
 
-def check_prompt_groups(prompts: Sequence[str], group_size: int) -> None:
-    """Raise unless ``prompts`` is whole groups of ``group_size`` identical consecutive prompts.
-
-    Raises:
-        ValueError: the batch is not a multiple of K, or a group mixes prompts (naming it).
-    """
-    check_group_size(len(prompts), group_size)
-    for start in range(0, len(prompts), group_size):
-        group = list(prompts[start : start + group_size])
-        if len(set(group)) > 1:
-            raise ValueError(
-                f"GDMD needs each prompt repeated group_size={group_size} times in a row, but samples "
-                f"{start}..{start + group_size - 1} have prompts {group}; set the data's group_size to "
-                f"{group_size} (e.g. DigitsDataModule(group_size={group_size}))"
-            )
-
-
 class GDMD(DMDR):
     """DMDR's substrate whose per-sample DMD updates are weighted by group advantages of the
     rewards of the implicit target ``x − η·g`` (gdmd.md B1).
@@ -234,7 +216,7 @@ class GDMD(DMDR):
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − η·g_i))²)``; w ≡ 1 during the cold start."""
         prompts = batch["prompts"]
-        check_prompt_groups(prompts, self.gdmd.group_size)
+        check_grouped_prompts(prompts, self.gdmd.group_size)
         loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
         direction = self.gdmd.eta * gradient
         logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}

@@ -15,14 +15,13 @@ sampling (§2.5) and ``mode=grpo`` (A3) are not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.advantages import (
-    check_group_size,
     clipped_advantage_weights,
     combine_weighted,
     group_advantages,
@@ -37,6 +36,7 @@ from rdm_lightning.core.group_dmd import (
     weighted_dmd_loss,
 )
 from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
+from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
@@ -96,22 +96,6 @@ class GNDMConfig:
             raise ValueError(f"need adv_kappa >= 0 and adv_clip > 0, got {self.adv_kappa}, {self.adv_clip}")
         if self.lambda_ramp_updates < 0:
             raise ValueError(f"lambda_ramp_updates must be >= 0, got {self.lambda_ramp_updates}")
-
-
-def check_grouped_prompts(prompts: Sequence[str], group_size: int) -> None:
-    """Raise unless ``prompts`` is K-repeated: whole groups of ``group_size`` identical consecutive prompts.
-
-    Raises:
-        ValueError: naming the batch size, or the first group whose prompts differ.
-    """
-    check_group_size(len(prompts), group_size)
-    for start in range(0, len(prompts), group_size):
-        group = list(prompts[start : start + group_size])
-        if len(set(group)) > 1:
-            raise ValueError(
-                f"batch is not K-repeated for group_size={group_size}: samples {start}..{start + group_size - 1} "
-                f"have prompts {group}; set the data module's group_size to {group_size}"
-            )
 
 
 class GNDM(DMDR):
