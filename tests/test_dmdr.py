@@ -17,7 +17,8 @@ from rdm_lightning.core.schedules_training import (
     sample_beta,
 )
 from rdm_lightning.methods import DMDR, DMDConfig, DMDRConfig
-from rdm_lightning.rewards import DigitsGoldReward, RewardModel, StrokeContrastReward
+from rdm_lightning.rewards import DigitsGoldReward, RewardModel
+from reward_doubles import CountingReward
 
 PROMPTS = ["a handwritten digit 2", "a handwritten digit 5"]
 
@@ -66,18 +67,6 @@ def test_no_nan_when_all_estimates_coincide_check_6():
     loss = dmd_loss(x, gradient)
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(x.grad).all()
-
-
-class CountingReward(StrokeContrastReward):
-    """Stroke contrast that counts its calls."""
-
-    def __init__(self, name: str = "counting"):
-        super().__init__(name=name)
-        self.calls = 0
-
-    def _score(self, images, prompts):
-        self.calls += 1
-        return super()._score(images, prompts)
 
 
 def make_dmdr(teacher, rewards=None, **dmdr_overrides) -> DMDR:

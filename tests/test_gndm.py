@@ -18,9 +18,10 @@ from rdm_lightning.core.group_dmd import (
 )
 from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.data.digits import DigitsDataModule
-from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.rewards import RewardModel, StrokeContrastReward
+from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig
+from rdm_lightning.rewards import RewardModel
+from reward_doubles import CountingReward
 
 PROMPTS = ["a handwritten digit 2"] * 4 + ["a handwritten digit 5"] * 4
 
@@ -108,16 +109,6 @@ def test_config_names_bad_values(kwargs, message):
 
 
 # ---- the module -----------------------------------------------------------------------------
-class CountingReward(StrokeContrastReward):
-    """Stroke contrast (differentiable) that counts its calls."""
-
-    def __init__(self, name: str = "counting"):
-        super().__init__(name=name)
-        self.calls = 0
-
-    def _score(self, images, prompts):
-        self.calls += 1
-        return super()._score(images, prompts)
 
 
 class ConstantReward(RewardModel):
