@@ -3,7 +3,10 @@
     python benchmarks/methods.py [--methods dmd dmdr gndm gndmr gdmd] [--seeds 0 1 2] [--updates 400]
 
 Each run is `rdm fit --config configs/digits/<method>.yaml` with the seed and the
-same number of generator updates. Every student (and the teacher's default
+same number of generator updates; a method is any config in configs/digits/ but the
+teacher's. Each run's scores are kept in <output>/runs/<method>_seed<seed>.json and
+reused by later calls with the same updates and samples (--rerun trains again), so the
+table can be built up over several calls. Every student (and the teacher's default
 sampler) is then scored on the same 1,000 class-balanced samples from fixed noise
 with the same rewards — digit log-probability, stroke contrast and the gold
 classifier — so methods that do not optimize a reward are measured on it too.
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from rdm_lightning.evaluation.digits import DigitsEvaluator
 from rdm_lightning.rewards import DigitsClassifierReward, DigitsGoldReward, StrokeContrastReward
 
 METHODS = ("dmd", "dmdr", "gndm", "gndmr", "gdmd")
+CONFIGS = Path("configs/digits")
 EVAL_SEED = 1234
 
 
@@ -52,19 +58,40 @@ def score(module, role: str, num_samples: int, evaluator: DigitsEvaluator, rewar
     return metrics
 
 
+def rollout_costs(module) -> dict:
+    """Backward-simulation rollouts per generator update: the generator's own, and all (critic included).
+
+    Without importance sampling every iteration draws one rollout and the generator update uses its own.
+    """
+    updates = module.generator_updates
+    importance = getattr(module, "importance_sampling", None)
+    if importance is not None and importance.enabled:
+        return {"generator_rollouts_per_update": module.rollouts["generator"] / updates,
+                "rollouts_per_update": sum(module.rollouts.values()) / updates}
+    return {"generator_rollouts_per_update": 1.0, "rollouts_per_update": module.iterations / updates}
+
+
 def summary(runs: list[dict], key: str) -> tuple[float, float]:
-    values = [run[key] for run in runs]
+    """Mean and std of ``key`` over the runs that measured it (NaN when none did, e.g. older runs)."""
+    values = [run[key] for run in runs if key in run]
+    if not values:
+        return math.nan, math.nan
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    choices = sorted(path.stem for path in CONFIGS.glob("*.yaml") if path.stem != "teacher")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=choices)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--updates", type=int, default=400)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--output", type=Path, default=Path("runs/benchmarks/methods"))
+    parser.add_argument("--rerun", action="store_true", help="train again even where a run's scores are kept")
     args = parser.parse_args()
+    kept = args.output / "runs"
+    kept.mkdir(parents=True, exist_ok=True)
+    setting = {"updates": args.updates, "num_samples": args.num_samples}
 
     evaluator = DigitsEvaluator.default()
     rewards = {"digit_logprob": DigitsClassifierReward(), "stroke_contrast": StrokeContrastReward(),
@@ -72,10 +99,24 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for method in args.methods:
         for seed in args.seeds:
-            module = fit(method, seed, args.updates, args.output)
-            if "teacher" not in results:
-                results["teacher"] = [score(module, "teacher", args.num_samples, evaluator, rewards)]
-            results.setdefault(method, []).append(score(module, "generator", args.num_samples, evaluator, rewards))
+            path = kept / f"{method}_seed{seed}.json"
+            run = json.loads(path.read_text()) if path.exists() and not args.rerun else None
+            if run is None or run["setting"] != setting:
+                start = time.perf_counter()
+                module = fit(method, seed, args.updates, args.output)
+                minutes = (time.perf_counter() - start) / 60
+                scores = score(module, "generator", args.num_samples, evaluator, rewards)
+                run = {"setting": setting, "scores": {**scores, **rollout_costs(module), "fit_minutes": minutes}}
+                path.write_text(json.dumps(run, indent=2))
+                teacher_path = kept / "teacher.json"
+                if not teacher_path.exists():
+                    teacher = {"setting": {"num_samples": args.num_samples},
+                               "scores": score(module, "teacher", args.num_samples, evaluator, rewards)}
+                    teacher_path.write_text(json.dumps(teacher, indent=2))
+            results.setdefault(method, []).append(run["scores"])
+    teacher_path = kept / "teacher.json"
+    if teacher_path.exists():
+        results = {"teacher": [json.loads(teacher_path.read_text())["scores"]], **results}
 
     keys = ("digits_fd", "prompt_accuracy", "digit_logprob", "stroke_contrast", "gold")
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -92,7 +133,13 @@ def main() -> None:
             checks[f"{method}: digit log-prob above teacher and DMD"] = m["digit_logprob"] > max(t["digit_logprob"], d["digit_logprob"])
             checks[f"{method}: prompt accuracy >= DMD"] = m["prompt_accuracy"] >= d["prompt_accuracy"]
             checks[f"{method}: digits-FD <= 1.5x DMD"] = m["digits_fd"] <= 1.5 * d["digits_fd"]
-    table = "\n".join(lines + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()])
+    cost_keys = ("generator_rollouts_per_update", "rollouts_per_update", "fit_minutes", "digits_fd", "prompt_accuracy")
+    costs = ["", "| method | " + " | ".join(cost_keys) + " |", "|---" * (len(cost_keys) + 1) + "|"]
+    for name, runs in results.items():
+        if name != "teacher":
+            cells = [f"{m:.4g} ± {s:.2g}" for m, s in (summary(runs, k) for k in cost_keys)]
+            costs.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines + costs + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()])
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(table + "\n")
     (args.output / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,9 +1,13 @@
 """GDMD (gdmd.md acceptance checks 1, 2, 4, 5 and check 3 at the module level) on a tiny random digits teacher.
 
 The weight functions themselves (check 3: group mean 1 without cap, cap respected)
-are covered in ``tests/test_advantages.py``.
+are covered in ``tests/test_advantages.py``. The B2 auxiliary is checked against
+closed forms with :class:`LinearReward`, whose gradient is known exactly.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -15,6 +19,7 @@ from rdm_lightning.core.dmd import dmd_gradient
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import GDMD, DMDConfig, GDMDConfig, OptimizerConfig
 from rdm_lightning.rewards import StrokeContrastReward
+from rdm_lightning.rewards.base import RewardModel
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:GDMD group_size=.*:UserWarning",
@@ -53,9 +58,35 @@ class ConstantReward(RecordingReward):
         return torch.full((len(images),), 0.3)
 
 
-def make_gdmd(teacher, rewards=None, **overrides) -> GDMD:
+class LinearReward(RewardModel):
+    """``R(image) = Σ_pix a·image`` for a fixed random pattern a: differentiable, ``∇_image R = a`` exactly.
+
+    Records its inputs. Through the digits decode ``clamp((x + 1)/2, 0, 1)`` the latent
+    gradient is ``a/2`` where ``|x| < 1`` and 0 where the clamp saturates (:meth:`latent_gradient`).
+    """
+
+    differentiable = True
+
+    def __init__(self, name: str = "linear", seed: int = 1):
+        super().__init__(name=name)
+        self.register_buffer("pattern", torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(seed)))
+        self.inputs: list[torch.Tensor] = []
+
+    def _score(self, images, prompts):
+        self.inputs.append(images.detach().clone())
+        return (images * self.pattern).flatten(1).sum(dim=1)
+
+    def closed_form_score(self, latents: torch.Tensor) -> torch.Tensor:
+        return (((latents + 1) / 2).clamp(0, 1) * self.pattern).flatten(1).sum(dim=1)
+
+    def latent_gradient(self, latents: torch.Tensor) -> torch.Tensor:
+        """``∇_x R(decode(x))`` in closed form."""
+        return 0.5 * self.pattern * (latents.abs() < 1)
+
+
+def make_gdmd(teacher, rewards=None, weights=None, **overrides) -> GDMD:
     rewards = rewards or [RecordingReward()]
-    settings = dict(group_size=K, cold_start_updates=0, reward_weights={r.name: 1.0 for r in rewards})
+    settings = dict(group_size=K, cold_start_updates=0, reward_weights=weights or {r.name: 1.0 for r in rewards})
     settings.update(overrides)
     return GDMD(DigitsBackbone(str(teacher)), rewards=rewards, gdmd=GDMDConfig(**settings))
 
@@ -76,6 +107,15 @@ def loss_and_direction(module: GDMD, x0, cond, uncond):
     dm_loss, gradient = module.distribution_matching_loss(x0, cond, uncond)
     (dm_grad,) = torch.autograd.grad(dm_loss, x0)
     return loss, grad, logs, dm_loss, dm_grad, gradient
+
+
+def loss_and_grad(module: GDMD, x0, cond, uncond):
+    """GDMD's loss, its x-gradient and its logs, leaving the module's random stream where it was."""
+    state = module.rng.get_state()
+    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    (grad,) = torch.autograd.grad(loss, x0)
+    module.rng.set_state(state)
+    return loss, grad, logs
 
 
 def test_constant_rewards_give_unit_weights_and_the_dm_loss_check_1(tiny_digits_teacher):
@@ -178,22 +218,123 @@ def test_non_differentiable_rewards_and_config_errors(tiny_digits_teacher):
         (dict(eta=0.0), "eta must be > 0"),
         (dict(group_size=1), "group_size must be >= 2"),
         (dict(w_max=0.0), "w_max must be > 0"),
+        (dict(b2_weight=-0.1), "b2_weight must be >= 0"),
+        (dict(b2_scale="clipped"), r"b2_scale must be one of \('matched', 'raw'\), got 'clipped'"),
+        (dict(b2_ramp_updates=-1), "b2_ramp_updates must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             GDMDConfig(**bad)
     with pytest.raises(NotImplementedError, match="grpo"):
         GDMDConfig(mode="grpo")
-    with pytest.raises(NotImplementedError, match="B2"):
-        GDMDConfig(b2_weight=0.1)
     with pytest.warns(UserWarning, match="K >= 8"):
         GDMDConfig(group_size=4)
 
 
-def test_short_fit_runs_and_changes_the_generator(tiny_digits_teacher):
+def closed_form_b2_grad(module: GDMD, x0, gradient, lam: float):
+    """``∂L/∂x`` of GDMD with B2 at weight λ from closed forms (module docstring, gdmd.md §2.3), for LinearRewards.
+
+    matched: ``w_i·(η·g_i − λ·Σ_m ω_m·ĝ^m_i) / N``; raw: ``w_i·η·g_i / N − (λ/B)·Σ_m ω_m·γ^m_i``,
+    with γ^m at the target ``x̃ = x − η·g`` and N the numel of the batch (the batch mean divides by B).
+    """
+    eta, terms = module.gdmd.eta, module.rewards.terms
+    target = x0.detach() - eta * gradient
+    weights = module.sample_weights({t.name: t.reward.closed_form_score(target) for t in terms}, {})
+    weights = weights.view(-1, 1, 1, 1)
+    gammas = {t.name: t.reward.latent_gradient(target) for t in terms}
+    if module.gdmd.b2_scale == "matched":
+        direction = eta * gradient
+        for t in terms:
+            matched = gammas[t.name] / (gammas[t.name].abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8)
+            direction = direction - lam * t.weight * matched
+        return weights * direction / x0.numel()
+    return weights * eta * gradient / x0.numel() - lam / len(x0) * sum(t.weight * gammas[t.name] for t in terms)
+
+
+def test_b2_weight_follows_the_w3_cosine_ramp_after_the_cold_start(tiny_digits_teacher):
+    module = make_gdmd(
+        tiny_digits_teacher, rewards=[LinearReward()], cold_start_updates=2, b2_weight=0.3, b2_ramp_updates=4
+    )
+    for u, expected in [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.15 * (1 - math.cos(math.pi / 4))), (4, 0.15),
+                        (6, 0.3), (9, 0.3)]:
+        module.role_updates["generator"] = u
+        assert module.b2_lambda() == pytest.approx(expected, abs=1e-12)
+    module.gdmd = replace(module.gdmd, b2_ramp_updates=0)  # no ramp: full weight from N0 on
+    assert module.b2_lambda() == 0.3
+    module.role_updates["generator"] = 1
+    assert module.b2_lambda() == 0.0
+
+
+@pytest.mark.parametrize("b2_scale", ["matched", "raw"])
+@pytest.mark.parametrize("updates, reward_calls", [(1, 0), (2, 2)], ids=["cold_start", "ramp_start"])
+def test_b2_at_zero_weight_is_b1_bit_for_bit_check_5(tiny_digits_teacher, b2_scale, updates, reward_calls):
+    """λ_B2(u) = 0 in the cold start (u < N0 = 2) and at the ramp's start (u = N0): B2 calls no reward
+    and the loss and gradient are B1's bit for bit; in the cold start no reward runs at all."""
+    module = make_gdmd(
+        tiny_digits_teacher, rewards=[LinearReward()], cold_start_updates=2, b2_weight=0.3, b2_scale=b2_scale,
+        b2_ramp_updates=4,
+    )
+    module.role_updates["generator"] = updates
+    x0, cond, uncond = inputs(module)
+    loss, grad, logs = loss_and_grad(module, x0, cond, uncond)
+    assert logs["train/lambda_b2"] == 0.0
+    # Only B1's no-grad scoring of decode(x̃) and decode(x) after the cold start.
+    assert len(module.rewards.terms[0].reward.inputs) == reward_calls
+    assert not any(key.endswith("/b2") for key in logs)
+    module.gdmd = replace(module.gdmd, b2_weight=0.0)
+    b1_loss, b1_grad, b1_logs = loss_and_grad(module, x0, cond, uncond)
+    assert torch.equal(loss, b1_loss) and torch.equal(grad, b1_grad)
+    assert "train/lambda_b2" not in b1_logs
+
+
+@pytest.mark.parametrize("b2_scale", ["matched", "raw"])
+@pytest.mark.parametrize("eta, omegas", [(1.0, {"a": 1.0}), (0.5, {"a": 1.0, "b": 0.5})], ids=["one", "two"])
+def test_b2_gradient_matches_its_closed_form(tiny_digits_teacher, b2_scale, eta, omegas):
+    """matched: the target moves by λ·Σ_m ω_m·ĝ^m; raw: B1's gradient plus −(λ/B)·Σ_m ω_m·∇R_m at x̃."""
+    rewards = [LinearReward(name, seed=seed) for seed, name in enumerate(omegas, start=1)]
+    module = make_gdmd(
+        tiny_digits_teacher, rewards=rewards, weights=omegas, eta=eta, b2_scale=b2_scale, b2_weight=0.2,
+        cold_start_updates=2, b2_ramp_updates=4,
+    )
+    module.role_updates["generator"] = 4  # halfway up the ramp: λ = 0.1
+    x0, cond, uncond = inputs(module)
+    loss, grad, logs, _, _, gradient = loss_and_direction(module, x0, cond, uncond)
+    assert logs["train/lambda_b2"] == pytest.approx(0.1)
+    target = x0.detach() - eta * gradient
+    assert 0 < (target.abs() < 1).float().mean() < 1  # the decode's clamp passes some pixels, not all
+    for reward in rewards:
+        # B1 scores decode(x̃) and decode(x) without grad; B2 then scores decode(x̃) once more, with grad.
+        assert len(reward.inputs) == 3
+        torch.testing.assert_close(reward.inputs[2], module.backbone.decode(target))
+        assert logs[f"reward/{reward.name}/b2"] == pytest.approx(reward.closed_form_score(target).mean().item())
+    expected = closed_form_b2_grad(module, x0, gradient, 0.1)
+    torch.testing.assert_close(grad, expected)
+    assert not torch.allclose(grad, closed_form_b2_grad(module, x0, gradient, 0.0))  # B2 changed B1's gradient
+    if b2_scale == "raw":
+        # L = L_B1 − λ·mean_i Σ_m ω_m·R_m(decode(x̃_i))
+        weights = module.sample_weights({r.name: r.closed_form_score(target) for r in rewards}, {})
+        b1_loss = (weights * 0.5 * (eta * gradient).flatten(1).pow(2).mean(dim=1)).mean()
+        b2_loss = -0.1 * sum(omegas[r.name] * r.closed_form_score(target) for r in rewards).mean()
+        torch.testing.assert_close(loss, b1_loss + b2_loss)
+        torch.testing.assert_close(logs["train/loss_b2"], b2_loss)
+
+
+def test_b2_needs_differentiable_rewards_at_construction(tiny_digits_teacher):
+    rewards = [LinearReward("ok"), RecordingReward("scored_only")]
+    for b2_scale in ("matched", "raw"):
+        with pytest.raises(ValueError, match=r"B2 auxiliary \(b2_weight=0\.1\).*\['scored_only'\]"):
+            make_gdmd(tiny_digits_teacher, rewards=rewards, b2_weight=0.1, b2_scale=b2_scale)
+    make_gdmd(tiny_digits_teacher, rewards=rewards)  # B1 alone takes any reward
+
+
+@pytest.mark.parametrize(
+    "reward, b2", [(RecordingReward, {}), (LinearReward, dict(b2_weight=0.2, b2_ramp_updates=0))], ids=["b1", "b2"]
+)
+def test_short_fit_runs_and_changes_the_generator(tiny_digits_teacher, reward, b2):
+    reward = reward()
     module = GDMD(
         DigitsBackbone(str(tiny_digits_teacher)),
-        rewards=[RecordingReward()],
-        gdmd=GDMDConfig(group_size=K, cold_start_updates=1, reward_weights={"recording": 1.0}),
+        rewards=[reward],
+        gdmd=GDMDConfig(group_size=K, cold_start_updates=1, reward_weights={reward.name: 1.0}, **b2),
         dmd=DMDConfig(generator_update_ratio=2, norm_eps=1e-8),
         generator_optimizer=OptimizerConfig(lr=1e-3),
         fake_score_optimizer=OptimizerConfig(lr=1e-3),
@@ -209,3 +350,5 @@ def test_short_fit_runs_and_changes_the_generator(tiny_digits_teacher):
     assert module.rewards.terms[0].reward.inputs  # rewards ran after the one-update cold start
     assert any(not torch.equal(before[k], v) for k, v in module.generator.state_dict().items())
     assert "train/gdmd_weight_mean" in trainer.callback_metrics
+    if b2:
+        assert trainer.callback_metrics["train/lambda_b2"] == pytest.approx(0.2)

@@ -1,4 +1,4 @@
-"""GNDM / GNDMR (gndm.md acceptance checks 1, 2, 3, 4; checks 3–4 of the helpers are in test_advantages.py)."""
+"""GNDM / GNDMR (gndm.md acceptance checks 1, 2, 3, 4, 5; checks 3–4 of the helpers are in test_advantages.py)."""
 from __future__ import annotations
 
 import lightning as L
@@ -19,7 +19,9 @@ from rdm_lightning.core.group_dmd import (
 from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.data.groups import check_grouped_prompts
+from rdm_lightning.core.schedules import VPSchedule
 from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig
+from rdm_lightning.methods.gndm import ImportanceSamplingConfig, StoredRollout
 from rdm_lightning.rewards import RewardModel
 from reward_doubles import CountingReward
 
@@ -181,7 +183,7 @@ def test_w2_direction_is_g_minus_lambda_times_unit_scale_reward_gradient(tiny_di
     gndm = make_gndm(tiny_digits_teacher)
     gndm.role_updates["generator"] = 2
     _, plain, _ = loss_and_grad(gndm, x0)
-    _, gamma = gndmr.reward_gradient(gndmr.rewards.terms[0], x0, PROMPTS)
+    _, gamma = gndmr.reward_gradient(gndmr.rewards.terms[0].reward, x0, PROMPTS)
     matched = scale_matched_gradient(gamma)
     q = gamma.abs().flatten(1).mean(1)
     torch.testing.assert_close(matched.abs().flatten(1).mean(1), q / (q + 1e-8))
@@ -232,3 +234,98 @@ def test_short_fit_changes_the_generator(tiny_digits_teacher, rewards):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.generator.parameters()))
     if rewards:
         assert rewards[0].calls > 0
+
+
+# ---- importance sampling (gndm.md §2.5, check 5) ----------------------------------------------
+def make_is_gndm(teacher, ratio=1, **importance) -> GNDM:
+    return GNDM(DigitsBackbone(str(teacher)), dmdr=DMDRConfig(cold_start_updates=0),
+                importance_sampling=ImportanceSamplingConfig(enabled=True, **importance),
+                dmd=DMDConfig(generator_update_ratio=ratio, norm_eps=1e-8))
+
+
+def stored_prefix(module, step: int) -> tuple[StoredRollout, object]:
+    """A stored rollout of ``step`` prefix steps for PROMPTS, as a fresh generator update stores it."""
+    module.shared_randint = lambda high: step
+    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    assert torch.equal(batch["importance_weights"], torch.ones(len(PROMPTS)))  # ρ = 1 on the first use
+    assert torch.equal(x_in, module.stored_rollout.trajectory.latents[-1])
+    assert torch.allclose(level, torch.full((len(PROMPTS),), float(module.student_levels()[step])))
+    return module.stored_rollout, cond
+
+
+@pytest.mark.parametrize("log_prob", ["exact_mean", "exact_sum"])
+def test_importance_ratio_is_one_unchanged_then_clipped_and_detached_check_5(tiny_digits_teacher, log_prob):
+    module = make_is_gndm(tiny_digits_teacher, log_prob=log_prob)
+    stored, cond = stored_prefix(module, step=3)
+    assert stored.trajectory.num_steps == 3 and all(stored.trajectory.trainable)
+    # Under the rollout's own parameters the recomputed log-probs are bit-identical: ρ = 1 exactly.
+    assert torch.equal(module.prefix_ratio(stored.trajectory, cond), torch.ones(len(PROMPTS)))
+    with torch.no_grad():
+        for p in module.generator.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ratios = module.prefix_ratio(stored.trajectory, cond)
+    epsilon = 1e-3 if log_prob == "exact_mean" else 0.2
+    steps = 1 if log_prob == "exact_mean" else 3  # exact_sum multiplies per-step clipped ratios
+    assert not ratios.requires_grad
+    assert ((ratios >= (1 - epsilon) ** steps) & (ratios <= (1 + epsilon) ** steps)).all()
+    assert not torch.equal(ratios, torch.ones_like(ratios))
+    # The reuse hands those ratios to the loss and then drops the rollout (n_reuse = 2).
+    batch, _, x_in, _ = module.training_inputs({"prompts": ["a handwritten digit 7"] * 8}, update_generator=True)
+    assert batch["prompts"] == PROMPTS and torch.equal(batch["importance_weights"], ratios)
+    assert torch.equal(x_in, stored.trajectory.latents[-1]) and module.stored_rollout is None
+
+
+def test_prefix_of_zero_steps_is_pure_noise_with_unit_ratio(tiny_digits_teacher):
+    module = make_is_gndm(tiny_digits_teacher)
+    stored, cond = stored_prefix(module, step=0)
+    assert stored.trajectory.num_steps == 0
+    assert torch.equal(module.prefix_ratio(stored.trajectory, cond), torch.ones(len(PROMPTS)))
+
+
+def test_importance_weights_scale_each_samples_gradient(tiny_digits_teacher):
+    module = make_is_gndm(tiny_digits_teacher)
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    ratios = torch.linspace(0.999, 1.001, 8)
+    _, plain, _ = loss_and_grad(module, x0)
+    module.rng.manual_seed(0)
+    x = x0.clone().requires_grad_()
+    cond = module.backbone.encode_prompts(PROMPTS)
+    loss, logs = module.generator_loss(x, cond, module.backbone.empty_conditioning(8),
+                                       {"prompts": PROMPTS, "importance_weights": ratios})
+    loss.backward()
+    torch.testing.assert_close(x.grad, plain * ratios.view(-1, 1, 1, 1), rtol=1e-6, atol=0)
+    assert logs["train/is_ratio_min"] == ratios.min()
+
+
+@pytest.mark.parametrize("target", ["generator", "fake_score"])
+def test_each_rollout_serves_n_reuse_generator_updates(tiny_digits_teacher, target):
+    module = make_is_gndm(tiny_digits_teacher, ratio=2, reuses=2, target=target)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        max_steps=12)  # 8 iterations, 4 generator updates
+    trainer.fit(module, DigitsDataModule(batch_size=8, group_size=4))
+    assert module.generator_updates == 4 and module.iterations == 8
+    assert module.rollouts["generator"] == 2  # half the generator updates roll out afresh
+    # Critic-only iterations always roll out; reuse iterations do too when the critic trains on fresh samples.
+    assert module.rollouts["fake_score"] == (4 + 2 if target == "generator" else 4)
+
+
+def test_stored_rollout_survives_a_checkpoint(tiny_digits_teacher):
+    module = make_is_gndm(tiny_digits_teacher, rule="flowgrpo_sde")
+    stored, cond = stored_prefix(module, step=2)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    restored = make_is_gndm(tiny_digits_teacher, rule="flowgrpo_sde")
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.stored_rollout.prompts == PROMPTS and restored.stored_rollout.uses == 1
+    assert all(torch.equal(a, b) for a, b in zip(restored.stored_rollout.trajectory.latents, stored.trajectory.latents))
+    assert torch.equal(restored.prefix_ratio(restored.stored_rollout.trajectory, cond), torch.ones(len(PROMPTS)))
+
+
+def test_importance_sampling_needs_a_flow_schedule(tiny_digits_teacher):
+    backbone = DigitsBackbone(str(tiny_digits_teacher))
+    backbone.schedule = VPSchedule()
+    with pytest.raises(ValueError, match="not a FlowSchedule"):
+        GNDM(backbone, importance_sampling=ImportanceSamplingConfig(enabled=True))
+    with pytest.raises(ValueError, match="importance_sampling.rule must be one of"):
+        ImportanceSamplingConfig(rule="ddim")

@@ -22,7 +22,7 @@ def _modules(seed: int = 0) -> dict[str, nn.Module]:
 
 
 def _optimizer(modules: dict[str, nn.Module], config: OptimizerConfig = CONFIG) -> RoleAwareAdamW:
-    return RoleAwareAdamW([role_param_group(role, [m], config) for role, m in modules.items()])
+    return RoleAwareAdamW([role_param_group(role, m.parameters(), config) for role, m in modules.items()])
 
 
 def _params(module: nn.Module) -> list[torch.Tensor]:
@@ -47,10 +47,15 @@ def _states_equal(a, b) -> bool:
 
 def test_role_param_group():
     modules = _modules()
-    group = role_param_group("generator", [modules["generator"]], CONFIG)
+    group = role_param_group("generator", modules["generator"].parameters(), CONFIG)
     assert group["role"] == "generator"
     assert group["params"] == list(modules["generator"].parameters())
     assert (group["lr"], group["betas"], group["weight_decay"]) == (CONFIG.lr, CONFIG.betas, CONFIG.weight_decay)
+    # A role may own part of a module only (DMDR's LoRA critic): the group holds exactly the given parameters.
+    last = modules["fake_score"][1]
+    assert role_param_group("fake_score", [last.weight], CONFIG)["params"] == [last.weight]
+    with pytest.raises(TypeError, match="Sequential"):
+        role_param_group("generator", [modules["generator"]], CONFIG)
 
 
 @pytest.mark.parametrize("inactive_grads", ["zero", "random"])
@@ -135,7 +140,7 @@ def test_group_without_role_rejected():
     modules = _modules()
     with pytest.raises(ValueError, match="role"):
         RoleAwareAdamW(
-            [role_param_group("generator", [modules["generator"]], CONFIG), {"params": list(modules["fake_score"].parameters())}]
+            [role_param_group("generator", modules["generator"].parameters(), CONFIG), {"params": list(modules["fake_score"].parameters())}]
         )
 
 

@@ -335,6 +335,18 @@ def test_seeded_generator_reproduces_the_trajectory():
     assert not torch.equal(a.latents[1], c.latents[1])
 
 
+def test_prefix_run_is_the_start_of_the_full_run():
+    full = _sample("cps", {"eta": 0.9}, seed=7)
+    prefix = _sample("cps", {"eta": 0.9}, seed=7, num_steps=2)
+    assert prefix.num_steps == 2 and len(prefix.latents) == 3
+    assert all(torch.equal(a, b) for a, b in zip(prefix.latents, full.latents[:3]))
+    assert all(torch.equal(a, b) for a, b in zip(prefix.log_probs, full.log_probs[:2]))
+    empty = _sample("cps", {"eta": 0.9}, num_steps=0)
+    assert empty.num_steps == 0 and torch.equal(empty.sample, _rand(*SHAPE, seed=100))
+    with pytest.raises(ValueError, match="num_steps 9 outside"):
+        _sample("cps", {"eta": 0.9}, num_steps=9)
+
+
 def test_step_noise_overrides_the_generator():
     shared = _rand(*SHAPE, seed=5)
     a = _sample("cps", {"eta": 0.9}, seed=1, step_noise={1: shared})

@@ -64,6 +64,10 @@ class Backbone(nn.Module, ABC):
 
     schedule: NoiseSchedule
     prediction: Prediction
+    lora_target_modules: tuple[str, ...] | str | None = None
+    """Modules of the denoiser a LoRA adapts (DMDR's LoRA-on-teacher critic), in peft's
+    ``target_modules`` form: module names matched as suffixes of the full name, or one regex
+    matched against it. ``None``: the family declares none, and no LoRA critic can be built."""
 
     @property
     @abstractmethod
@@ -136,10 +140,24 @@ class Backbone(nn.Module, ABC):
         return prediction_to_x0(self.prediction, output.float(), x_t.float(), alpha, sigma)
 
     def denoising_loss(
-        self, network: nn.Module, x0: Tensor, cond: Conditioning, level: Tensor, noise: Tensor
+        self,
+        network: nn.Module,
+        x0: Tensor,
+        cond: Conditioning,
+        level: Tensor,
+        noise: Tensor,
+        weights: Tensor | None = None,
     ) -> Tensor:
-        """MSE of the network's prediction against its target (ε, v or velocity)."""
+        """MSE of the network's prediction against its target (ε, v or velocity).
+
+        ``weights`` (``[B]``, detached) weight each sample's MSE: ``(1/B)·Σ_i w_i·mse_i``.
+        """
         x_t = self.schedule.add_noise(x0, noise, level)
         alpha, sigma = self._alpha_sigma(level, x0)
         target = training_target(self.prediction, x0, noise, alpha, sigma)
-        return F.mse_loss(self.network_output(network, x_t, level, cond).float(), target)
+        output = self.network_output(network, x_t, level, cond).float()
+        if weights is None:
+            return F.mse_loss(output, target)
+        if weights.shape != (len(x0),):
+            raise ValueError(f"weights must be shaped ({len(x0)},) (one per sample), got {tuple(weights.shape)}")
+        return (weights.detach().float() * ((output - target) ** 2).flatten(1).mean(dim=1)).mean()

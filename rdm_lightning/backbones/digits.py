@@ -174,6 +174,9 @@ class DigitsBackbone(Backbone):
         prediction: which cached teacher ``path=None`` selects: ``flow_velocity`` or ``epsilon``.
     """
 
+    # The convolutions and FiLM projections of every residual block (the denoiser has no attention).
+    lora_target_modules = ("conv1", "conv2", "film")
+
     def __init__(self, path: str | None = None, prediction: str = "flow_velocity"):
         super().__init__()
         if prediction not in PREDICTIONS:

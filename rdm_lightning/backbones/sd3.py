@@ -110,6 +110,10 @@ class SD3Backbone(DiffusersBackbone):
     """
 
     denoiser_subfolder = "transformer"
+    # Joint attention, image and text streams (dmdr.md §2; the DMDR SD3 critic LoRA).
+    lora_target_modules = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    )
 
     def __init__(
         self,

@@ -293,6 +293,8 @@ class StableDiffusionBackbone(DiffusersBackbone):
     """
 
     denoiser_subfolder = "unet"
+    # Self- and cross-attention projections of the UNet's transformer blocks.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(
         self,

@@ -384,6 +384,7 @@ def stochastic_sample(
     return_trajectory: bool = True,
     log_prob: LogProbKind | None = None,
     step_noise: Mapping[int, Tensor] | None = None,
+    num_steps: int | None = None,
 ) -> Trajectory | Tensor:
     """Run the stochastic few-step flow sampler from pure noise (``grpo.md`` §8).
 
@@ -397,14 +398,19 @@ def stochastic_sample(
 
     ``log_prob`` selects the stored log π (§8.5): ``cps_simplified`` by default for CPS,
     ``exact_mean`` for the other rules. The caller's autograd mode applies (wrap rollouts
-    in ``torch.no_grad()``). Returns a :class:`Trajectory`, or only the final sample when
-    ``return_trajectory`` is False.
+    in ``torch.no_grad()``). ``num_steps`` runs only the first steps, a prefix ending at
+    ``levels[num_steps]`` (DMD backward simulation, ``gndm.md`` §2.5); ``None`` runs them all.
+    Returns a :class:`Trajectory`, or only the final sample when ``return_trajectory`` is False.
     """
     kwargs = dict(rule_kwargs or {})
     moments = _checked_rule(rule, kwargs)
     kind = _default_log_prob(rule, log_prob)
     grid = _sigma_grid(levels)
-    num_steps = len(grid) - 1
+    total_steps = len(grid) - 1
+    if num_steps is None:
+        num_steps = total_steps
+    elif not 0 <= num_steps <= total_steps:
+        raise ValueError(f"num_steps {num_steps} outside [0, {total_steps}] for {total_steps} levels")
     steps = set(range(num_steps)) if stochastic_steps is None else set(stochastic_steps)
     if not steps <= set(range(num_steps)):
         raise ValueError(f"stochastic_steps {sorted(steps)} must lie in [0, {num_steps - 1}]")

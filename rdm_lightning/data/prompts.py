@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rdm_lightning.data.groups import check_loader_args, train_loader_sampling

@@ -109,14 +109,14 @@ class DistillationModule(L.LightningModule):
         dtype = torch_dtype(teacher_dtype)
         self.teacher = backbone.load_denoiser().to(dtype).requires_grad_(False).eval()
         self.teacher_dtype = dtype
+        self.seed = seed
         self.generator = backbone.load_denoiser()
-        self.fake_score = backbone.load_denoiser()
+        self.fake_score = self.load_fake_score()
         self.discriminator_head: nn.Module | None = None
         self.generator_ema: nn.Module | None = None
         self.optimizer_configs = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
         self.student = student
         self.teacher_sampling = teacher_sampling
-        self.seed = seed
         self.max_generator_updates = max_generator_updates
         self.role_updates = {role: 0 for role in TRAINABLE_ROLES}
         self.iterations = 0
@@ -160,25 +160,41 @@ class DistillationModule(L.LightningModule):
         return int(self.trainer.strategy.broadcast(value, src=0)) if self._trainer is not None else value
 
     # ---- roles ----------------------------------------------------------------------------
+    def load_fake_score(self) -> nn.Module:
+        """The initial fake score (critic), built during ``__init__`` after the teacher: a fresh
+        copy of the pretrained network. A subclass that reads its own config here must set
+        that config before calling ``super().__init__`` (DMDR's LoRA-on-teacher critic)."""
+        return self.backbone.load_denoiser()
+
     def role_modules(self) -> dict[str, list[nn.Module]]:
-        """Modules each trainable role's optimizer owns."""
+        """Modules each trainable role's networks are made of."""
         fake = [self.fake_score] + ([self.discriminator_head] if self.discriminator_head is not None else [])
         return {"generator": [self.generator], "fake_score": fake}
+
+    def role_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters each trainable role's optimizer owns and :meth:`trainable_role` toggles.
+
+        By default every parameter of :meth:`role_modules`. A role may own only part of its
+        modules (DMDR's LoRA critic: its LoRA weights, not the teacher weights it shares);
+        parameters no role owns stay frozen.
+        """
+        return {role: [p for m in modules for p in m.parameters()] for role, modules in self.role_modules().items()}
 
     @contextmanager
     def trainable_role(self, role: str) -> Iterator[None]:
         """Only ``role``'s parameters require grad inside (forward and backward)."""
         if role not in TRAINABLE_ROLES:
             raise ValueError(f"unknown role {role!r}; trainable roles: {TRAINABLE_ROLES}")
-        for name, modules in self.role_modules().items():
-            for module in modules:
-                module.requires_grad_(name == role)
+        params = self.role_parameters()
+        for name, role_params in params.items():
+            for p in role_params:
+                p.requires_grad_(name == role)
         try:
             yield
         finally:
-            for modules in self.role_modules().values():
-                for module in modules:
-                    module.requires_grad_(True)
+            for role_params in params.values():
+                for p in role_params:
+                    p.requires_grad_(True)
 
     def _optimizer_of(self, role: str):
         optimizers = self.optimizers()
@@ -215,8 +231,8 @@ class DistillationModule(L.LightningModule):
         (schedulers[TRAINABLE_ROLES.index(role)] if isinstance(schedulers, list) else schedulers).step()
 
     def configure_optimizers(self):
-        modules = self.role_modules()
-        groups = {role: role_param_group(role, modules[role], self.optimizer_configs[role]) for role in TRAINABLE_ROLES}
+        params = self.role_parameters()
+        groups = {role: role_param_group(role, params[role], self.optimizer_configs[role]) for role in TRAINABLE_ROLES}
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             optimizer = RoleAwareAdamW(list(groups.values()))
             lambdas = [self._warmup_lambda(g["role"]) for g in optimizer.param_groups]
@@ -249,10 +265,15 @@ class DistillationModule(L.LightningModule):
         return self.generator_ema if self.generator_ema is not None else self.generator
 
     # ---- checkpoints ----------------------------------------------------------------------
+    def is_frozen_state_key(self, key: str) -> bool:
+        """Whether the state-dict entry ``key`` is frozen and rebuilt at construction
+        (teacher, backbone, rewards), hence left out of checkpoints and refilled on load."""
+        return key.startswith(FROZEN_PREFIXES)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen teacher, backbone and rewards are reloaded from their paths; keep them out.
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+        for key in [k for k in state if self.is_frozen_state_key(k)]:
             del state[key]
         checkpoint["rdm"] = {"role_updates": dict(self.role_updates), "iterations": self.iterations, "rng": self.rng.get_state()}
 
@@ -261,7 +282,7 @@ class DistillationModule(L.LightningModule):
         if any(k.startswith("generator_ema.") for k in state):
             self.enable_generator_ema()
         for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIXES):
+            if self.is_frozen_state_key(key):
                 state[key] = value
         rdm = checkpoint.get("rdm")
         if rdm is not None:
@@ -269,12 +290,38 @@ class DistillationModule(L.LightningModule):
             self.iterations = rdm["iterations"]
             self.rng.set_state(rdm["rng"])
 
-    # ---- sampling -------------------------------------------------------------------------
-    def teacher_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning, guidance_scale: float, uncond=None) -> Tensor:
-        """The real score's x̂0, in the teacher's dtype (autocast when reduced precision)."""
-        with torch.autocast(self.device.type, dtype=self.teacher_dtype, enabled=self.teacher_dtype != torch.float32):
-            return self.backbone.predict_x0(self.teacher, x_t, level, cond, guidance_scale, uncond).float()
+    # ---- scores ---------------------------------------------------------------------------
+    def teacher_precision(self) -> torch.autocast:
+        """Autocast to the teacher's dtype when it is reduced precision (a no-op for float32)."""
+        return torch.autocast(self.device.type, dtype=self.teacher_dtype, enabled=self.teacher_dtype != torch.float32)
 
+    def teacher_x0(
+        self,
+        x_t: Tensor,
+        level: Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
+        uncond=None,
+        network: nn.Module | None = None,
+    ) -> Tensor:
+        """The teacher's x̂0 (float32), run in the teacher's dtype (autocast when reduced precision).
+
+        ``network``: a network on the teacher's weights to run instead (DMDR's LoRA'd
+        teacher); ``None`` is the adapter-free teacher.
+        """
+        network = self.teacher if network is None else network
+        with self.teacher_precision():
+            return self.backbone.predict_x0(network, x_t, level, cond, guidance_scale, uncond).float()
+
+    def real_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning, guidance_scale: float, uncond=None) -> Tensor:
+        """The real score's x̂0 in the DM loss: the teacher with CFG ``guidance_scale`` (DMDR: its DynaDG variant)."""
+        return self.teacher_x0(x_t, level, cond, guidance_scale, uncond)
+
+    def fake_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """The fake score's x̂0 in the DM loss (no CFG)."""
+        return self.backbone.predict_x0(self.fake_score, x_t, level, cond)
+
+    # ---- sampling -------------------------------------------------------------------------
     def student_levels(self) -> Tensor:
         """The generator's conditioning levels, highest first."""
         if self.student.levels is not None:

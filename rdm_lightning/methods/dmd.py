@@ -140,8 +140,8 @@ class DMD(DistillationModule):
         x_noisy = self.backbone.schedule.add_noise(x, self.randn(x.shape), level)
         scale = self.real_guidance_scale() if guidance_scale is None else guidance_scale
         with torch.no_grad():
-            x0_real = self.teacher_x0(x_noisy, level, cond, scale, uncond)
-            x0_fake = self.backbone.predict_x0(self.fake_score, x_noisy, level, cond)
+            x0_real = self.real_x0(x_noisy, level, cond, scale, uncond)
+            x0_fake = self.fake_x0(x_noisy, level, cond)
         return x0_real, x0_fake, scale
 
     def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
@@ -174,7 +174,10 @@ class DMD(DistillationModule):
     def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_guid = L_fake + w_D·gan_D`` on the detached generator batch ``x0``."""
         level = self.sample_levels(len(x0), *self.dmd.fake_level_range)
-        loss_fake = self.backbone.denoising_loss(self.fake_score, x0, cond, level, self.randn(x0.shape))
+        # Per-sample weights ride on the batch when a method reweights the critic (GNDM's IS reuse).
+        loss_fake = self.backbone.denoising_loss(
+            self.fake_score, x0, cond, level, self.randn(x0.shape), batch.get("fake_score_weights")
+        )
         logs = {"train/loss_fake": loss_fake.detach()}
         loss = loss_fake
         if self.dmd.use_gan:
@@ -206,13 +209,29 @@ class DMD(DistillationModule):
         """TTUR: the generator updates when ``iteration % r == 0``."""
         return self.iterations % self.dmd.generator_update_ratio == 0
 
+    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
+        """The iteration's batch, its conditioning and the generator input ``(x_in, level)``.
+
+        A hook: methods that reuse stored rollouts (GNDM's importance sampling) swap the batch here.
+        """
+        cond = self.backbone.encode_prompts(batch["prompts"])
+        x_in, level = self.generator_input(cond, len(batch["prompts"]))
+        return batch, cond, x_in, level
+
+    def critic_inputs(self, batch: dict, cond: Conditioning, x0: Tensor) -> tuple[dict, Conditioning, Tensor]:
+        """The fake score's batch, conditioning and samples: by default this iteration's detached ``x0``.
+
+        A hook: GNDM's importance sampling gives the critic fresh samples when the generator reuses old ones.
+        """
+        return batch, cond, x0
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        update_generator = self.is_generator_iteration()
+        batch, cond, x_in, level = self.training_inputs(batch, update_generator)
         prompts = batch["prompts"]
-        cond = self.backbone.encode_prompts(prompts)
         uncond = self.backbone.empty_conditioning(len(prompts))
-        x_in, level = self.generator_input(cond, len(prompts))
         logs = {}
-        if self.is_generator_iteration():
+        if update_generator:
             with self.trainable_role("generator"):
                 x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
                 loss, logs = self.generator_loss(x0, cond, uncond, batch)
@@ -221,6 +240,7 @@ class DMD(DistillationModule):
         else:
             with torch.no_grad():
                 x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
+        batch, cond, x0 = self.critic_inputs(batch, cond, x0)
         with self.trainable_role("fake_score"):
             loss, fake_logs = self.fake_score_loss(x0, cond, batch)
             self.step_role("fake_score", loss)

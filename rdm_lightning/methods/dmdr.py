@@ -6,23 +6,43 @@ Generator loss at generator update ``u``::
     L = L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))       (afterwards; ReFL through decode(x̂0))
 
 with DynaRS re-noising (σ ~ Beta(a(u), b(u)) for the DM loss), a real CFG scale
-jittered in ``[w − j, w + j]``, ε_n = 1e-8 and TTUR 5. The critic is a full copy
-of the teacher (dmdr.md's ``critic: full_copy``); the LoRA-on-teacher critic and
-DynaDG, which needs it, are not in this module yet.
+jittered in ``[w − j, w + j]``, ε_n = 1e-8 and TTUR 5.
+
+The critic (dmdr.md §2, ``DMDRConfig.critic``):
+
+- ``full_copy`` (default here): the fake score is a full trainable copy of the teacher, as in DMD2.
+- ``lora_on_teacher`` (the paper's): the fake score is the frozen teacher's own weights plus
+  one LoRA (rank 32, α 32, Gaussian A, B = 0), shared without a second copy of the network.
+  The LoRA's runtime scale picks the role: the fake score runs at ``fake_lora_scale`` (2.0),
+  the real score at DynaDG's ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))`` (dmdr.md §5), which is
+  the plain adapter-free teacher once ``s_r(u) = 0``. Only the LoRA weights train, and
+  checkpoints hold only them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
-from rdm_lightning.core.schedules_training import dynamic_renoise_beta, hinge_reward_loss, sample_beta
+from rdm_lightning.core.schedules_training import (
+    dynamic_guidance_scale,
+    dynamic_renoise_beta,
+    hinge_reward_loss,
+    sample_beta,
+)
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMD, DMDConfig
+from rdm_lightning.methods.lora import lora_scale, shared_lora_copy
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel, RewardTerm, WeightedRewards
+
+
+CRITICS = ("full_copy", "lora_on_teacher")
+CRITIC_ADAPTER = "critic"
+"""peft adapter name of the LoRA critic."""
 
 
 @dataclass
@@ -39,6 +59,23 @@ class DMDRConfig:
     """DynaRS period ``K_rs``: DM re-noising u ~ Beta(1 + 3c, 1 + 0.5c), c = cosine decay over K_rs; 0 = uniform."""
     reward_weights: dict[str, float] = field(default_factory=dict)
     """Weight ``w_m`` of each optimized reward, by reward name; every reward needs one."""
+    critic: Literal["full_copy", "lora_on_teacher"] = "full_copy"
+    """The fake score: ``full_copy``, a full trainable copy of the teacher (DMD2's critic, the
+    default here), or ``lora_on_teacher``, the paper's: one LoRA on the frozen teacher's shared
+    weights, whose runtime scale gives the fake score (``fake_lora_scale``) and the real score
+    (DynaDG); needs peft (the ``lora`` extra)."""
+    critic_lora_rank: int = 32
+    """Rank ``r`` of the critic LoRA (``lora_on_teacher``)."""
+    critic_lora_alpha: float = 32
+    """``lora_alpha`` of the critic LoRA; its update is ``scale·(α/r)·B·A``."""
+    fake_lora_scale: float = 2.0
+    """Runtime LoRA scale of the fake score (``lora_on_teacher``), in its DM estimate and its denoising loss."""
+    dynadg_scale: float = 0.0
+    """DynaDG's ``s_r0``: the real score's LoRA scale at generator update 0, annealed by
+    ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))`` to 0 (the plain teacher) at ``dynadg_updates``;
+    0 = off. Needs ``critic: lora_on_teacher`` (paper: 0.5 text-to-image, 0.75 SiT)."""
+    dynadg_updates: int = 0
+    """DynaDG period ``K_dg`` in generator updates (paper: 2000, the cold start); ``s_r(u) = 0`` from it on."""
 
     def __post_init__(self):
         if self.cold_start_updates < 0 or self.dynamic_renoise_updates < 0:
@@ -48,6 +85,28 @@ class DMDRConfig:
             )
         if self.guidance_jitter < 0:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
+        if self.critic not in CRITICS:
+            raise ValueError(f"critic must be one of {CRITICS}, got {self.critic!r}")
+        if self.critic_lora_rank < 1:
+            raise ValueError(f"critic_lora_rank must be >= 1, got {self.critic_lora_rank}")
+        if not (self.critic_lora_alpha > 0 and self.fake_lora_scale > 0):
+            raise ValueError(
+                f"critic_lora_alpha and fake_lora_scale must be > 0, got {self.critic_lora_alpha}, {self.fake_lora_scale}"
+            )
+        if not (self.dynadg_scale >= 0 and self.dynadg_updates >= 0):
+            raise ValueError(
+                f"dynadg_scale and dynadg_updates must be >= 0, got {self.dynadg_scale}, {self.dynadg_updates}"
+            )
+        if self.dynadg_scale > 0 and (self.critic != "lora_on_teacher" or self.dynadg_updates == 0):
+            raise ValueError(
+                f"DynaDG (dynadg_scale={self.dynadg_scale}) scales the critic LoRA on the teacher: it needs "
+                f"critic='lora_on_teacher' (got {self.critic!r}) and dynadg_updates > 0 (got {self.dynadg_updates})"
+            )
+
+    @property
+    def lora_critic(self) -> bool:
+        """Whether the critic is a LoRA on the teacher's shared weights."""
+        return self.critic == "lora_on_teacher"
 
 
 def weighted_rewards(rewards: list[RewardModel], weights: dict[str, float]) -> WeightedRewards | None:
@@ -68,14 +127,14 @@ class DMDR(DMD):
         rewards: the optimized rewards; each must be differentiable (ReFL back-propagates through it).
         gold_rewards: rewards that are scored and logged on generator samples, never optimized
             (to make reward hacking visible).
-        dmdr: cold start, hinge, CFG jitter, DynaRS and reward weights.
+        dmdr: cold start, hinge, CFG jitter, DynaRS, reward weights, critic kind and DynaDG.
         dmd: DMD2 settings (DMDR uses ε_n = 1e-8, TTUR 5, no GAN).
         generator_optimizer: AdamW of the generator.
-        fake_score_optimizer: AdamW of the fake score.
+        fake_score_optimizer: AdamW of the fake score (with the LoRA critic: of its LoRA weights only).
         student: the generator's sampler.
         teacher_sampling: the teacher's default sampler.
         teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's random stream.
+        seed: seed of the module's random stream (and of the critic LoRA's initialisation).
         max_generator_updates: stop fit after this many generator updates.
     """
 
@@ -94,17 +153,85 @@ class DMDR(DMD):
         seed: int = 0,
         max_generator_updates: int | None = None,
     ):
+        self.dmdr = dmdr  # read by load_fake_score, which DistillationModule.__init__ calls
         super().__init__(
             backbone, dmd, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
             max_generator_updates,
         )
         if dmd.use_gan:
             raise ValueError(f"{type(self).__name__} trains without a GAN head: set dmd.gan_generator_weight to 0")
-        self.dmdr = dmdr
         self.rewards = weighted_rewards(rewards or [], dmdr.reward_weights)
         self.gold_rewards = nn.ModuleList(gold_rewards or [])
         self.check_rewards()
 
+    # ---- critic -----------------------------------------------------------------------------
+    def load_fake_score(self) -> nn.Module:
+        """``full_copy``: a fresh copy of the network. ``lora_on_teacher``: the teacher's own
+        weights (shared, frozen) plus the critic LoRA, resting at ``fake_lora_scale``."""
+        self.shared_critic_keys: frozenset[str] = frozenset()
+        if not self.dmdr.lora_critic:
+            return super().load_fake_score()
+        targets = self.backbone.lora_target_modules
+        if targets is None:
+            raise ValueError(
+                f"critic='lora_on_teacher' needs the backbone's lora_target_modules; {type(self.backbone).__name__} declares none"
+            )
+        config = self.dmdr
+        critic = shared_lora_copy(
+            self.teacher, targets, config.critic_lora_rank, config.critic_lora_alpha, CRITIC_ADAPTER,
+            scale=config.fake_lora_scale, seed=self.seed,
+        )
+        teacher = {id(t) for t in (*self.teacher.parameters(), *self.teacher.buffers())}
+        # Entries of the critic that are the teacher's tensors: frozen, out of checkpoints.
+        self.shared_critic_keys = frozenset(
+            f"fake_score.{name}"
+            for name, t in (*critic.named_parameters(), *critic.named_buffers())
+            if id(t) in teacher
+        )
+        return critic
+
+    def role_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """With the LoRA critic, the fake score owns its LoRA weights only, never the teacher's."""
+        params = super().role_parameters()
+        if self.dmdr.lora_critic:
+            teacher = {id(p) for p in self.teacher.parameters()}
+            params["fake_score"] = [p for p in params["fake_score"] if id(p) not in teacher]
+        return params
+
+    def is_frozen_state_key(self, key: str) -> bool:
+        """Also the LoRA critic's shared teacher weights: its checkpoint entries are the LoRA alone."""
+        return super().is_frozen_state_key(key) or key in self.shared_critic_keys
+
+    def real_lora_scale(self) -> float:
+        """DynaDG's ``s_r(u)`` at the current generator update (0 without the LoRA critic)."""
+        if not self.dmdr.lora_critic:
+            return 0.0
+        return dynamic_guidance_scale(self.generator_updates, self.dmdr.dynadg_scale, self.dmdr.dynadg_updates)
+
+    def real_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning, guidance_scale: float, uncond=None) -> Tensor:
+        """The plain teacher at ``s_r(u) = 0``; otherwise the teacher's CFG prediction through the
+        critic LoRA at scale ``s_r(u)`` (DynaDG, dmdr.md §5)."""
+        scale = self.real_lora_scale()
+        if scale == 0.0:
+            return super().real_x0(x_t, level, cond, guidance_scale, uncond)
+        with lora_scale(self.fake_score, CRITIC_ADAPTER, scale):
+            return self.teacher_x0(x_t, level, cond, guidance_scale, uncond, network=self.fake_score)
+
+    def fake_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """The LoRA critic runs in the teacher's dtype at ``fake_lora_scale``, without CFG."""
+        if not self.dmdr.lora_critic:
+            return super().fake_x0(x_t, level, cond)
+        with lora_scale(self.fake_score, CRITIC_ADAPTER, self.dmdr.fake_lora_scale):
+            return self.teacher_x0(x_t, level, cond, 1.0, network=self.fake_score)
+
+    def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+        """The LoRA critic's loss runs in the teacher's dtype at ``fake_lora_scale``."""
+        if not self.dmdr.lora_critic:
+            return super().fake_score_loss(x0, cond, batch)
+        with self.teacher_precision(), lora_scale(self.fake_score, CRITIC_ADAPTER, self.dmdr.fake_lora_scale):
+            return super().fake_score_loss(x0, cond, batch)
+
+    # ---- rewards ----------------------------------------------------------------------------
     def check_rewards(self) -> None:
         """DMDR back-propagates every reward (ReFL): it needs at least one, all differentiable."""
         if self.rewards is None:
@@ -132,6 +259,18 @@ class DMDR(DMD):
     def in_cold_start(self) -> bool:
         return self.generator_updates < self.dmdr.cold_start_updates
 
+    def reward_gradient(self, reward: RewardModel, y: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Detached scores ``R(decode(y), c_i)`` ``[B]`` and ``γ_i = ∇_y R(decode(y), c_i)`` at ``sg(y)``.
+
+        GNDMR's W2 takes it at the generator samples, GDMD's B2 at the implicit target.
+        Differentiating the sum gives every γ_i at once: a reward scores each image on its own.
+        """
+        y = y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = reward.score(self.backbone.decode(y), prompts, with_grad=True)
+            (gamma,) = torch.autograd.grad(scores.sum(), y)
+        return scores.detach(), gamma
+
     def reward_loss(self, scores: Tensor, term: RewardTerm) -> Tensor:
         """The ReFL term of one reward: ``w_m·mean(ReLU(hinge − r_m))`` (scores carry gradients)."""
         return hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
@@ -139,6 +278,8 @@ class DMDR(DMD):
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_DM`` during the cold start, then ``L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))``."""
         loss, logs = super().generator_loss(x0, cond, uncond, batch)
+        if self.dmdr.lora_critic:
+            logs["train/real_lora_scale"] = self.real_lora_scale()
         prompts = batch["prompts"]
         if not self.in_cold_start():
             images = self.backbone.decode(x0)

@@ -8,13 +8,25 @@ Per generator update ``u``, on a batch of ``B/K`` prompts repeated ``K`` times i
     w_i  = weights(Σ_m ω_m·Â^m_i),  Â^m = group-normalised R_m(decode(x̃))   (afterwards, no grad)
     L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − x̃_i)²)           ⇒ ∂L/∂x_i = w_i·η·g_i / N
 
+with N the number of elements of the whole batch x (B·pixels), as the batch mean
+divides by B too. Optional B2 auxiliary (§2.3), with
+λ(u) = cosine_ramp(u, N0, b2_ramp_updates, b2_weight) (GNDMR's W3; 0 through the cold
+start) and ω_m the reward weights::
+
+    matched: ĝ^m_i = γ^m_i / (mean_pix|γ^m_i| + 1e-8),  γ^m_i = ∇_y R_m(decode(y), c_i) at y = x̃_i
+             the B1 target becomes sg(x̃_i + λ·Σ_m ω_m·ĝ^m_i)
+             ⇒ ∂L/∂x_i = w_i·(η·g_i − λ·Σ_m ω_m·ĝ^m_i) / N
+    raw:     L = L_B1 − λ·(1/B)·Σ_i Σ_m ω_m·s_m·R_m(decode(x_i − sg(η·g_i)), c_i)   (s_m: train_scale)
+             ⇒ ∂L/∂x_i = w_i·η·g_i / N − (λ/B)·Σ_m ω_m·s_m·γ^m_i     (γ^m_i as above, at x̃_i)
+
 The substrate is DMDR without its reward term (DynaRS, CFG jitter, TTUR 5, no
-GAN). Rewards are only scored, never differentiated, so non-differentiable
-rewards (e.g. the digits gold classifier) can be optimized. Implemented:
+GAN). B1 only scores the rewards, never differentiates them, so non-differentiable
+rewards (e.g. the digits gold classifier) can be optimized; B2 (``b2_weight > 0``)
+differentiates every reward, so then all must be differentiable. Implemented:
 ``mode=weighted`` (B1) with ``softmax`` or ``linear`` weighting, ``reward_signal``
-``target`` or ``improvement``, any η, and the ``per_sample`` or ``group_mean``
-(GNDM-A1) normaliser. Not yet: the B2 reward-gradient auxiliary and the B3 GRPO
-mode (their switches raise ``NotImplementedError``).
+``target`` or ``improvement``, any η, the ``per_sample`` or ``group_mean``
+(GNDM-A1) normaliser, and B2 ``matched`` or ``raw``. Not yet: the B3 GRPO mode
+(``mode=grpo`` raises ``NotImplementedError``).
 """
 from __future__ import annotations
 
@@ -29,9 +41,12 @@ from rdm_lightning.core.advantages import (
     clipped_advantage_weights,
     combine_weighted,
     normalize_per_reward,
+    reward_guided_direction,
+    scale_matched_gradient,
     softmax_group_weights,
 )
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
+from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
@@ -80,9 +95,15 @@ class GDMDConfig:
     """K, samples per prompt; the data must repeat each prompt K times in a row
     (``DigitsDataModule(group_size=K)``). Warns below 8."""
     b2_weight: float = 0.0
-    """λ_B2 of the B2 reward-gradient auxiliary (§2.3); 0 (off) is the only implemented value."""
+    """λ_B2, the maximum weight of the B2 reward-gradient auxiliary (§2.3): 0 = off (default),
+    0.1–0.3 when enabled. Every reward must then be differentiable."""
     b2_scale: str = "matched"
-    """B2 scaling, ``matched`` or ``raw`` (§2.3); used only when ``b2_weight > 0``."""
+    """B2 form (§2.3), used only when ``b2_weight > 0``: ``matched`` (recommended) moves the B1 target
+    to ``sg(x̃ + λ·Σ_m ω_m·ĝ^m)`` with scale-matched reward gradients ĝ^m at x̃; ``raw`` adds
+    ``−λ·mean_i Σ_m ω_m·train_scale_m·R_m(decode(x_i − sg(η·g_i)))``, differentiated through x_i."""
+    b2_ramp_updates: int = 500
+    """W3 N_ramp of B2: λ rises from 0 at N0 = ``cold_start_updates`` to ``b2_weight`` over this many
+    generator updates (cosine, as GNDMR's λ_m); 0 switches it on at full weight at N0."""
     cold_start_updates: int = 2000
     """N0: generator updates with w ≡ 1 and no reward call (the spec's ``cold_start_gen_steps``)."""
     dynamic_renoise_updates: int = 2000
@@ -90,7 +111,8 @@ class GDMDConfig:
     guidance_jitter: float = 0.5
     """The real CFG scale is drawn from ``U[w − j, w + j]`` each generator update (as DMDR; 0: fixed)."""
     reward_weights: dict[str, float] = field(default_factory=dict)
-    """ω_m of each reward's group-normalised advantage in A = Σ_m ω_m·Â^m, by reward name; every reward needs one."""
+    """ω_m of each reward, by reward name (every reward needs one): its advantage's weight in
+    A = Σ_m ω_m·Â^m (B1), and its term's weight in B2 (``Σ_m ω_m·ĝ^m`` or ``Σ_m ω_m·R_m``)."""
 
     def __post_init__(self):
         for name, accepted in (
@@ -121,6 +143,8 @@ class GDMDConfig:
             )
         if self.b2_weight < 0:
             raise ValueError(f"b2_weight must be >= 0, got {self.b2_weight}")
+        if self.b2_ramp_updates < 0:
+            raise ValueError(f"b2_ramp_updates must be >= 0, got {self.b2_ramp_updates}")
         if self.cold_start_updates < 0 or self.dynamic_renoise_updates < 0:
             raise ValueError(
                 f"cold_start_updates and dynamic_renoise_updates must be >= 0, "
@@ -130,22 +154,20 @@ class GDMDConfig:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
         if self.mode == "grpo":
             raise NotImplementedError("GDMD mode='grpo' (B3): only mode='weighted' (B1) is implemented")
-        if self.b2_weight > 0:
-            raise NotImplementedError(
-                f"GDMD b2_weight={self.b2_weight}: the B2 reward-gradient auxiliary is not implemented; use 0"
-            )
 
 
 class GDMD(DMDR):
     """DMDR's substrate whose per-sample DMD updates are weighted by group advantages of the
-    rewards of the implicit target ``x − η·g`` (gdmd.md B1).
+    rewards of the implicit target ``x − η·g`` (gdmd.md B1), optionally plus their gradient at
+    that target (B2).
 
     Args:
         backbone: model family adapter.
-        rewards: the rewards that weight the update; only scored (no gradient), so they need not
-            be differentiable.
+        rewards: the rewards that weight the update. B1 only scores them (no gradient), so they need
+            not be differentiable; B2 (``gdmd.b2_weight > 0``) differentiates each, so then they must be.
         gold_rewards: rewards that are scored and logged on generator samples, never optimized.
-        gdmd: GDMD settings: target step, weighting, group size, cold start, DynaRS, reward weights.
+        gdmd: GDMD settings: target step, weighting, B2, group size, cold start, DynaRS, reward weights
+            (ω_m of the advantages, and of the rewards' B2 terms).
         dmd: DMD2 settings (GDMD uses ε_n = 1e-8, TTUR 5, no GAN).
         generator_optimizer: AdamW of the generator.
         fake_score_optimizer: AdamW of the fake score.
@@ -183,11 +205,26 @@ class GDMD(DMDR):
             teacher_sampling, teacher_dtype, seed, max_generator_updates,
         )
         self.gdmd = gdmd
+        if gdmd.b2_weight > 0:
+            # Checked here, not at the first post-cold-start update thousands of steps into a run.
+            try:
+                self.rewards.require_differentiable()
+            except ValueError as error:
+                raise ValueError(
+                    f"GDMD's B2 auxiliary (b2_weight={gdmd.b2_weight}) differentiates every reward: {error}. "
+                    "Drop those rewards, or set b2_weight=0 (B1 alone takes any reward)"
+                ) from error
 
     def check_rewards(self) -> None:
-        """GDMD only scores its rewards (no gradient through them): any reward works, at least one."""
+        """B1 only scores the rewards: any reward works, at least one (B2's needs are checked in ``__init__``)."""
         if self.rewards is None:
             raise ValueError("GDMD needs at least one reward in `rewards`")
+
+    def b2_lambda(self) -> float:
+        """W3: ``λ_B2(u)`` = 0 before N0, then a cosine ramp to ``b2_weight`` over ``b2_ramp_updates``."""
+        return cosine_ramp(
+            self.generator_updates, self.dmdr.cold_start_updates, self.gdmd.b2_ramp_updates, self.gdmd.b2_weight
+        )
 
     def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
         """``g`` with the configured normaliser (``group_mean``: GNDM-A1's ``n̄ + ε_n``)."""
@@ -213,8 +250,46 @@ class GDMD(DMDR):
             return softmax_group_weights(advantages, config.group_size, config.temperature, config.w_max)
         return clipped_advantage_weights(advantages, config.kappa, config.advantage_clip)
 
+    def b2_matched_direction(
+        self, x: Tensor, direction: Tensor, prompts: list[str], weight: float, logs: dict
+    ) -> Tensor:
+        """B2 ``matched``: ``η·g − λ·Σ_m ω_m·ĝ^m``, so that the B1 target is ``sg(x̃ + λ·Σ_m ω_m·ĝ^m)``.
+
+        Args:
+            x: ``[B, ...]`` generator samples (only their values are used).
+            direction: ``η·g``, detached, so that ``x̃ = x − direction``.
+            prompts: one per sample.
+            weight: λ_B2(u) (> 0).
+            logs: receives the rewards at x̃ and the raw reward-gradient scales ``mean|γ|``.
+        """
+        target = x.detach() - direction
+        matched: dict[str, Tensor] = {}
+        lambdas: dict[str, float] = {}
+        for term in self.reward_terms():
+            scores, gamma = self.reward_gradient(term.reward, target, prompts)
+            # Scale matching makes λ·ω_m, not the reward's native gradient scale, set the pull.
+            matched[term.name], lambdas[term.name] = scale_matched_gradient(gamma), weight * term.weight
+            logs[f"reward/{term.name}/b2"] = scores.mean()
+            logs[f"train/b2_gamma_abs/{term.name}"] = gamma.abs().mean()
+        return reward_guided_direction(direction, matched, lambdas)
+
+    def b2_raw_loss(
+        self, x: Tensor, direction: Tensor, prompts: list[str], weight: float, logs: dict
+    ) -> Tensor:
+        """B2 ``raw``: ``−λ·mean_i Σ_m ω_m·train_scale_m·R_m(decode(x_i − sg(η·g_i)))``, grad through x_i.
+
+        The rewards see the target's values while the gradient reaches x_i unchanged
+        (``∂(x − sg(η·g))/∂x = I``): DMDR's ReFL moved to where DMD is about to move the sample.
+        """
+        scores = self.rewards.score_all(self.backbone.decode(x - direction.detach()), prompts, with_grad=True)
+        loss = -weight * self.rewards.weighted_sum(scores).mean()
+        for name in self.rewards.names:
+            logs[f"reward/{name}/b2"] = scores[name].detach().mean()
+        logs["train/loss_b2"] = loss.detach()
+        return loss
+
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
-        """``L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − η·g_i))²)``; w ≡ 1 during the cold start."""
+        """``L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − η·g_i))²)`` (+ B2); w ≡ 1 during the cold start."""
         prompts = batch["prompts"]
         check_grouped_prompts(prompts, self.gdmd.group_size)
         loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
@@ -233,7 +308,19 @@ class GDMD(DMDR):
             for name in self.rewards.names:
                 logs[f"reward/{name}/target"] = target_scores[name].mean()
                 logs[f"reward/{name}/sample"] = sample_scores[name].mean()
+        b2_loss = None
+        if self.gdmd.b2_weight > 0:
+            b2_weight = self.b2_lambda()
+            logs["train/lambda_b2"] = b2_weight
+            # λ = 0 (cold start, ramp start) skips B2 entirely: no reward call, and B1 bit for bit.
+            if b2_weight != 0:
+                if self.gdmd.b2_scale == "matched":
+                    direction = self.b2_matched_direction(x0, direction, prompts, b2_weight, logs)
+                else:
+                    b2_loss = self.b2_raw_loss(x0, direction, prompts, b2_weight, logs)
         loss = weighted_dmd_loss(x0, direction, weights)
+        if b2_loss is not None:
+            loss = loss + b2_loss
         logs.update({
             "train/loss_gdmd": loss.detach(),
             "train/gdmd_weight_mean": weights.mean(),

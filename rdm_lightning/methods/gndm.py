@@ -9,8 +9,15 @@ Batches are K-repeated (K consecutive samples per prompt). At generator update `
 
 Without rewards this is GNDM; with them, GNDMR. The substrate is DMDR's
 (DynaRS, CFG jitter, ε_n = 1e-8, TTUR 5, cold start), and ``dmdr.cold_start_updates``
-is the N0 of every reward term: before it the loss is pure GNDM. Importance
-sampling (§2.5) and ``mode=grpo`` (A3) are not implemented.
+is the N0 of every reward term: before it the loss is pure GNDM.
+
+Importance sampling (§2.5, ``importance_sampling.enabled``): backward simulation runs
+its k prefix steps with a stochastic rule (CPS by default) and records log π_old; each
+such rollout then serves ``reuses`` generator updates. A reuse recomputes x̂0 at the
+stored x_{σ_k} and weights every sample's loss by the detached, clipped prefix ratio
+``ρ_i = clip(exp(Σ_{j<k} log π_θ − log π_old), 1 ± ε_IS)`` (ρ = 1 on the first use).
+The critic keeps training on fresh rollouts (``target=generator``), or on the reused
+ones weighted by ρ (``target=fake_score``). ``mode=grpo`` (A3) is not implemented.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from torch import Tensor
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.advantages import (
     clipped_advantage_weights,
+    clipped_importance_ratio,
     combine_weighted,
     group_advantages,
     reward_guided_direction,
@@ -35,7 +43,9 @@ from rdm_lightning.core.group_dmd import (
     mismatch_scalar,
     weighted_dmd_loss,
 )
+from rdm_lightning.core.schedules import FlowSchedule
 from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
+from rdm_lightning.core.stochastic import Trajectory, VelocityFn, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
@@ -47,6 +57,9 @@ NORMALIZERS = ("group_mean", "per_sample")
 ADV_WEIGHTINGS = ("none", "clipped")
 RDM_SCALARS = ("mismatch", "elbo_diff")
 REWARD_COMBINATIONS = ("auto", "refl_sum", "group_adv")
+IS_RULES = ("cps", "flowgrpo_sde")
+IS_LOG_PROBS = ("exact_mean", "exact_sum")
+IS_TARGETS = ("generator", "fake_score")
 DM_REWARD = "dm"
 """Name of R_dm among the advantages ``Â^m`` (weight ω_dm = 1)."""
 
@@ -98,6 +111,78 @@ class GNDMConfig:
             raise ValueError(f"lambda_ramp_updates must be >= 0, got {self.lambda_ramp_updates}")
 
 
+@dataclass
+class ImportanceSamplingConfig:
+    """Trajectory reuse with clipped prefix importance ratios (``gndm.md`` §2.5); off by default."""
+
+    enabled: bool = False
+    """Roll the backward-simulation prefix out stochastically and reuse each rollout."""
+    reuses: int = 2
+    """n_reuse: generator updates served by one stored rollout (2–4)."""
+    rule: Literal["cps", "flowgrpo_sde"] = "cps"
+    """Stochastic rule of the prefix steps: CPS (``eta``) or the Flow-GRPO SDE (``noise_level``)."""
+    eta: float = 0.9
+    """η of the CPS prefix steps."""
+    noise_level: float = 0.7
+    """a of the Flow-GRPO SDE prefix steps."""
+    log_prob: Literal["exact_mean", "exact_sum"] = "exact_mean"
+    """``exact_mean``: Gaussian log-densities averaged over dimensions, one ratio over the prefix;
+    ``exact_sum``: summed over dimensions, with per-step clipped ratios multiplied."""
+    clip_range: float | None = None
+    """ε_IS; ``None`` takes 1e-3 for ``exact_mean`` and 0.2 for ``exact_sum``."""
+    target: Literal["generator", "fake_score"] = "generator"
+    """``generator``: the critic trains on fresh rollouts only; ``fake_score``: on reuse
+    iterations it trains on the reused samples too, weighted by ρ."""
+
+    def __post_init__(self):
+        for name, value, accepted in (
+            ("rule", self.rule, IS_RULES), ("log_prob", self.log_prob, IS_LOG_PROBS), ("target", self.target, IS_TARGETS),
+        ):
+            if value not in accepted:
+                raise ValueError(f"importance_sampling.{name} must be one of {accepted}, got {value!r}")
+        if self.reuses < 1:
+            raise ValueError(f"importance_sampling.reuses must be >= 1, got {self.reuses}")
+        if not 0 < self.eta <= 1 or self.noise_level <= 0:
+            raise ValueError(f"need 0 < eta <= 1 and noise_level > 0, got eta={self.eta}, noise_level={self.noise_level}")
+        if self.clip_range is not None and not 0 <= self.clip_range < 1:
+            raise ValueError(f"importance_sampling.clip_range must be in [0, 1), got {self.clip_range}")
+
+    @property
+    def epsilon(self) -> float:
+        """ε_IS: the configured clip range, or the default of the log-prob form."""
+        if self.clip_range is not None:
+            return self.clip_range
+        return 1e-3 if self.log_prob == "exact_mean" else 0.2
+
+    @property
+    def rule_kwargs(self) -> dict[str, float]:
+        return {"eta": self.eta} if self.rule == "cps" else {"noise_level": self.noise_level}
+
+
+@dataclass
+class StoredRollout:
+    """A stochastic prefix kept for reuse: its prompts, trajectory (x_{σ_0..σ_k}, log π_old) and uses so far."""
+
+    prompts: list[str]
+    trajectory: Trajectory
+    uses: int = 1
+
+    def state(self) -> dict:
+        """Plain tensors and lists for the checkpoint."""
+        t = self.trajectory
+        return {"prompts": self.prompts, "latents": t.latents, "sigmas": t.sigmas, "stds": t.stds, "log_probs": t.log_probs,
+                "stochastic": t.stochastic, "rule_kwargs": t.rule_kwargs, "uses": self.uses}
+
+    @classmethod
+    def from_state(cls, state: dict, config: ImportanceSamplingConfig) -> "StoredRollout":
+        trajectory = Trajectory(
+            latents=list(state["latents"]), sigmas=state["sigmas"], velocities=[], x0_preds=[], means=[],
+            stds=list(state["stds"]), log_probs=list(state["log_probs"]), stochastic=list(state["stochastic"]),
+            rule=config.rule, rule_kwargs=dict(state["rule_kwargs"]), log_prob=config.log_prob,
+        )
+        return cls(list(state["prompts"]), trajectory, state["uses"])
+
+
 class GNDM(DMDR):
     """GNDM (no rewards) or GNDMR (rewards): group-normalised DMD with R_dm advantages and reward directions.
 
@@ -108,6 +193,7 @@ class GNDM(DMDR):
             in the weights; ``refl_sum`` needs differentiable ones (DMDR's hinge).
         gold_rewards: rewards scored and logged on generator samples, never optimized.
         gndm: GNDM / GNDMR switches.
+        importance_sampling: trajectory reuse with clipped prefix ratios (§2.5); off by default.
         dmdr: DMDR substrate: cold start (N0 of every reward term), hinge (``refl_sum``), CFG
             jitter, DynaRS, and ``reward_weights``: per reward, ω_m (W1), λ_m^max (W2) or w_m (hinge).
         dmd: DMD2 settings (ε_n = 1e-8, TTUR 5, no GAN).
@@ -126,6 +212,7 @@ class GNDM(DMDR):
         rewards: list[RewardModel] | None = None,
         gold_rewards: list[RewardModel] | None = None,
         gndm: GNDMConfig = GNDMConfig(),
+        importance_sampling: ImportanceSamplingConfig = ImportanceSamplingConfig(),
         dmdr: DMDRConfig = DMDRConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
         generator_optimizer: OptimizerConfig = OptimizerConfig(),
@@ -143,6 +230,18 @@ class GNDM(DMDR):
         self.gndm = gndm
         if self.rewards is not None and gndm.reward_combination == "refl_sum":
             self.rewards.require_differentiable()
+        self.importance_sampling = importance_sampling
+        if importance_sampling.enabled:
+            if not isinstance(backbone.schedule, FlowSchedule):
+                raise ValueError(
+                    f"importance sampling rolls out flow steps (CPS / Flow-GRPO SDE); "
+                    f"{type(backbone).__name__} has a {type(backbone.schedule).__name__}, not a FlowSchedule"
+                )
+            if not dmd.backward_simulation:
+                raise ValueError("importance sampling reuses backward-simulation prefixes: set dmd.backward_simulation")
+        self.stored_rollout: StoredRollout | None = None
+        self.rollouts = {"generator": 0, "fake_score": 0}
+        """Fresh backward-simulation rollouts so far, by the role whose update drew them."""
 
     def check_rewards(self) -> None:
         """GNDM needs no reward (pure GNDM) and takes non-differentiable ones (W1); ``dm`` is R_dm's name."""
@@ -190,14 +289,6 @@ class GNDM(DMDR):
         return gradient, rdm
 
     # ---- the generator loss -----------------------------------------------------------------
-    def reward_gradient(self, term: RewardTerm, x: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """W2: the scores ``R_m(decode(y), c_i)`` and ``γ_i = ∇_y R_m`` at a detached copy ``y = sg(x)``."""
-        y = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            scores = term.reward.score(self.backbone.decode(y), prompts, with_grad=True)
-            (gamma,) = torch.autograd.grad(scores.sum(), y)
-        return scores.detach(), gamma
-
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``(1/B)·Σ_i w_i·ℓ_i(h_i)`` (+ DMDR's hinge under ``refl_sum``), see the module docstring."""
         prompts = list(batch["prompts"])
@@ -223,7 +314,7 @@ class GNDM(DMDR):
                     weight = self.reward_lambda(term)
                     logs[f"train/lambda/{term.name}"] = weight
                     if weight != 0:
-                        scores, gamma = self.reward_gradient(term, x0, prompts)
+                        scores, gamma = self.reward_gradient(term.reward, x0, prompts)
                         matched[term.name], lambdas[term.name] = scale_matched_gradient(gamma), weight
                         logs[f"reward/{term.name}"] = scores.mean()
                 else:
@@ -236,6 +327,10 @@ class GNDM(DMDR):
             if advantages
             else None
         )
+        ratios = batch.get("importance_weights")
+        if ratios is not None:
+            weights = ratios if weights is None else weights * ratios
+            logs.update({"train/is_ratio_min": ratios.min(), "train/is_ratio_max": ratios.max()})
         loss = weighted_dmd_loss(x0, direction, weights)
         logs["train/loss_dm"] = loss.detach()
         if weights is not None:
@@ -252,3 +347,108 @@ class GNDM(DMDR):
             for reward in self.gold_rewards:
                 logs[f"reward/gold/{reward.name}"] = reward.score(images, prompts).mean()
         return loss, logs
+
+    # ---- importance sampling (§2.5) ---------------------------------------------------------
+    def generator_velocity(self, cond: Conditioning) -> VelocityFn:
+        """The generator as a flow velocity ``v = (x − x̂0)/σ``, the form the stochastic steps take."""
+
+        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+            x0 = self.backbone.predict_x0(self.generator, x, sigma, cond)
+            return (x.float() - x0) / sigma.float().view(-1, *[1] * (x.ndim - 1))
+
+        return velocity
+
+    @torch.no_grad()
+    def stochastic_prefix(self, cond: Conditioning, n: int, role: str) -> Trajectory:
+        """Backward simulation with stochastic steps: k ~ U{0..N−1} (same on every rank), then k
+        steps of the IS rule from fresh noise, recording x_{σ_0..σ_k} and log π_old."""
+        levels = self.student_levels()
+        step = self.shared_randint(len(levels))
+        config = self.importance_sampling
+        self.rollouts[role] += 1
+        return stochastic_sample(
+            self.generator_velocity(cond), self.randn((n, *self.backbone.latent_shape)), levels, config.rule,
+            config.rule_kwargs, generator=self.rng, log_prob=config.log_prob, num_steps=step,
+        )
+
+    def prefix_input(self, trajectory: Trajectory) -> tuple[Tensor, Tensor]:
+        """The generator input of a prefix: its last latent x_{σ_k} and σ_k per sample."""
+        x_in = trajectory.latents[-1]
+        return x_in, trajectory.sigmas[trajectory.num_steps].to(x_in).expand(len(x_in))
+
+    @torch.no_grad()
+    def prefix_ratio(self, trajectory: Trajectory, cond: Conditioning) -> Tensor:
+        """ρ_i: the detached, clipped importance ratio of the stored prefix under the current generator."""
+        n = len(trajectory.latents[0])
+        if trajectory.num_steps == 0:
+            return torch.ones(n, device=self.device)
+        velocity = self.generator_velocity(cond)
+        new = torch.stack([step_log_prob(velocity, trajectory, j) for j in range(trajectory.num_steps)], dim=1)
+        old = torch.stack(trajectory.log_probs, dim=1)
+        epsilon = self.importance_sampling.epsilon
+        if self.importance_sampling.log_prob == "exact_mean":
+            return clipped_importance_ratio(new, old, epsilon)
+        return torch.stack(
+            [clipped_importance_ratio(new[:, j], old[:, j], epsilon) for j in range(trajectory.num_steps)]
+        ).prod(dim=0)
+
+    def generator_input(self, cond: Conditioning, n: int) -> tuple[Tensor, Tensor]:
+        if not self.importance_sampling.enabled:
+            return super().generator_input(cond, n)
+        return self.prefix_input(self.stochastic_prefix(cond, n, "fake_score"))
+
+    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
+        """Under IS a generator update reuses the stored rollout while it has uses left, else rolls out and stores."""
+        config = self.importance_sampling
+        if not (config.enabled and update_generator):
+            return super().training_inputs(batch, update_generator)
+        stored = self.stored_rollout
+        if stored is not None:
+            cond = self.backbone.encode_prompts(stored.prompts)
+            ratios = self.prefix_ratio(stored.trajectory, cond)
+            stored.uses += 1
+            if stored.uses >= config.reuses:
+                self.stored_rollout = None
+            reused = {"prompts": stored.prompts, "importance_weights": ratios}
+            if config.target == "fake_score":
+                reused["fake_score_weights"] = ratios
+            else:
+                reused["fresh_batch"] = batch
+            return reused, cond, *self.prefix_input(stored.trajectory)
+        prompts = list(batch["prompts"])
+        cond = self.backbone.encode_prompts(prompts)
+        trajectory = self.stochastic_prefix(cond, len(prompts), "generator")
+        if config.reuses > 1:
+            self.stored_rollout = StoredRollout(prompts, trajectory)
+        fresh = {**batch, "importance_weights": torch.ones(len(prompts), device=self.device)}
+        return fresh, cond, *self.prefix_input(trajectory)
+
+    def critic_inputs(self, batch: dict, cond: Conditioning, x0: Tensor) -> tuple[dict, Conditioning, Tensor]:
+        """On a reuse iteration with ``target=generator`` the critic gets a fresh rollout of the incoming batch."""
+        fresh = batch.get("fresh_batch")
+        if fresh is None:
+            return batch, cond, x0
+        cond = self.backbone.encode_prompts(fresh["prompts"])
+        x_in, level = self.generator_input(cond, len(fresh["prompts"]))
+        with torch.no_grad():
+            return fresh, cond, self.backbone.predict_x0(self.generator, x_in, level, cond)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.importance_sampling.enabled:
+            updates = max(self.generator_updates, 1)
+            self.log_dict({"train/generator_rollouts_per_update": self.rollouts["generator"] / updates,
+                           "train/rollouts_per_update": sum(self.rollouts.values()) / updates})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        stored = self.stored_rollout.state() if self.stored_rollout is not None else None
+        checkpoint["gndm_importance_sampling"] = {"rollouts": dict(self.rollouts), "stored_rollout": stored}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("gndm_importance_sampling")
+        if state is not None:
+            self.rollouts = dict(state["rollouts"])
+            stored = state["stored_rollout"]
+            self.stored_rollout = None if stored is None else StoredRollout.from_state(stored, self.importance_sampling)

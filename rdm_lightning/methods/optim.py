@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -37,9 +38,12 @@ class OptimizerConfig:
         return 1.0 if self.warmup_updates == 0 else min(1.0, (updates + 1) / self.warmup_updates)
 
 
-def role_param_group(role: str, modules: list[nn.Module], config: OptimizerConfig) -> dict:
-    """One AdamW parameter group tagged with its role."""
-    params = [p for m in modules for p in m.parameters()]
+def role_param_group(role: str, params: Iterable[nn.Parameter], config: OptimizerConfig) -> dict:
+    """One AdamW parameter group over the role's own ``params``, tagged with its role."""
+    params = list(params)
+    modules = [type(p).__name__ for p in params if isinstance(p, nn.Module)]
+    if modules:
+        raise TypeError(f"role_param_group takes the role's parameters, got modules {modules}: pass module.parameters()")
     return {"params": params, "role": role, "lr": config.lr, "betas": config.betas, "weight_decay": config.weight_decay}
 
 
