@@ -224,8 +224,6 @@ def test_non_differentiable_rewards_and_config_errors(tiny_digits_teacher):
     ]:
         with pytest.raises(ValueError, match=message):
             GDMDConfig(**bad)
-    with pytest.raises(NotImplementedError, match="grpo"):
-        GDMDConfig(mode="grpo")
     with pytest.warns(UserWarning, match="K >= 8"):
         GDMDConfig(group_size=4)
 
@@ -352,3 +350,36 @@ def test_short_fit_runs_and_changes_the_generator(tiny_digits_teacher, reward, b
     assert "train/gdmd_weight_mean" in trainer.callback_metrics
     if b2:
         assert trainer.callback_metrics["train/lambda_b2"] == pytest.approx(0.2)
+
+
+# ---- B3: mode=grpo ---------------------------------------------------------------------------
+def test_b3_rolls_out_after_the_cold_start_and_scores_the_targets(tiny_digits_teacher):
+    reward = RecordingReward()
+    module = make_gdmd(tiny_digits_teacher, rewards=[reward], mode="grpo", cold_start_updates=1)
+    batch = {"prompts": PROMPTS}
+    # Cold start: B1's backward simulation, no rollout and no reward call.
+    cold, _, _, _ = module.training_inputs(batch, update_generator=True)
+    assert "trajectory" not in cold and not reward.inputs
+    module.role_updates["generator"] = 1
+    rolled, cond, x_in, level = module.training_inputs(batch, update_generator=True)
+    trajectory = rolled["trajectory"]
+    assert torch.equal(x_in, trajectory.latents[-2]) and trajectory.trainable == [True, True, True, False]
+    # The generator's prediction at the last input is the rollout's final sample.
+    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond).requires_grad_(True)
+    torch.testing.assert_close(x0, trajectory.sample, rtol=0, atol=1e-5)
+    loss, logs = module.generator_loss(x0, cond, module.backbone.empty_conditioning(len(PROMPTS)), rolled)
+    assert len(reward.inputs) == 1 and not reward.grad_enabled[0]  # R(decode(x̃)) without grad
+    assert not torch.equal(reward.inputs[0], module.backbone.decode(x0.detach()))  # at x̃, not x
+    assert logs["train/policy_kept"] == 1.0
+    # Under the rollout's own parameters every ratio is 1, so the PPO loss is −mean(A): 0 for group-centred A.
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator.parameters())
+
+
+def test_b3_constant_rewards_drop_every_sample(tiny_digits_teacher):
+    module = make_gdmd(tiny_digits_teacher, rewards=[ConstantReward()], mode="grpo")
+    rolled, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond)
+    loss, logs = module.generator_loss(x0, cond, module.backbone.empty_conditioning(len(PROMPTS)), rolled)
+    assert loss.item() == 0.0 and logs["train/policy_kept"] == 0.0

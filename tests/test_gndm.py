@@ -20,7 +20,7 @@ from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.core.schedules import VPSchedule
-from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig
+from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig, StudentConfig
 from rdm_lightning.methods.gndm import ImportanceSamplingConfig, StoredRollout
 from rdm_lightning.rewards import RewardModel
 from reward_doubles import CountingReward
@@ -329,3 +329,31 @@ def test_importance_sampling_needs_a_flow_schedule(tiny_digits_teacher):
         GNDM(backbone, importance_sampling=ImportanceSamplingConfig(enabled=True))
     with pytest.raises(ValueError, match="importance_sampling.rule must be one of"):
         ImportanceSamplingConfig(rule="ddim")
+
+
+# ---- A3: mode=grpo ------------------------------------------------------------------------------
+def test_a3_steps_on_the_rdm_advantage_of_cps_rollouts(tiny_digits_teacher):
+    module = make_gndm(tiny_digits_teacher, rewards=(CountingReward(),), cold_start=0, mode="grpo",
+                       rdm_scalar="elbo_diff", lambda_path=0.5)
+    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    trajectory = batch["trajectory"]
+    assert trajectory.rule == "cps" and trajectory.trainable == [True, True, True, False]
+    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond)
+    loss, logs = module.generator_loss(x0, cond, module.backbone.empty_conditioning(8), batch)
+    assert logs["train/policy_kept"] == 1.0 and "train/loss_dm" in logs and "reward/counting" in logs
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator.parameters())
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, max_steps=4)
+    trainer.fit(make_gndm(tiny_digits_teacher, ratio=1, mode="grpo"), DigitsDataModule(batch_size=8, group_size=4))
+    assert "train/loss_policy" in trainer.callback_metrics
+
+
+def test_a3_refuses_importance_sampling_and_one_step_students(tiny_digits_teacher):
+    backbone = DigitsBackbone(str(tiny_digits_teacher))
+    with pytest.raises(ValueError, match="not with mode='grpo'"):
+        GNDM(backbone, gndm=GNDMConfig(mode="grpo"), importance_sampling=ImportanceSamplingConfig(enabled=True))
+    with pytest.raises(ValueError, match=">= 2 steps"):
+        GNDM(backbone, gndm=GNDMConfig(mode="grpo"), student=StudentConfig(num_steps=1))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GNDMConfig(mode="ppo")

@@ -2,8 +2,9 @@
 from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
-from rdm_lightning.methods.gndm import GNDM, GNDMConfig
+from rdm_lightning.methods.gndm import GNDM, GNDMConfig, ImportanceSamplingConfig
 from rdm_lightning.methods.gdmd import GDMD, GDMDConfig
+from rdm_lightning.methods.grpo import GRPOConfig
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.teacher import DigitsTeacherPretraining, ensure_digits_teacher
 
@@ -18,6 +19,8 @@ __all__ = [
     "DistillationModule",
     "GNDM",
     "GNDMConfig",
+    "GRPOConfig",
+    "ImportanceSamplingConfig",
     "OptimizerConfig",
     "RoleAwareAdamW",
     "StudentConfig",

@@ -259,6 +259,13 @@ class DMDR(DMD):
     def in_cold_start(self) -> bool:
         return self.generator_updates < self.dmdr.cold_start_updates
 
+    def gold_reward_logs(self, x0: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """Mean gold reward of the samples ``x0`` (scored, never optimized), by ``reward/gold/<name>``."""
+        if not self.gold_rewards:
+            return {}
+        images = self.backbone.decode(x0.detach())
+        return {f"reward/gold/{reward.name}": reward.score(images, prompts).mean() for reward in self.gold_rewards}
+
     def reward_gradient(self, reward: RewardModel, y: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Detached scores ``R(decode(y), c_i)`` ``[B]`` and ``γ_i = ∇_y R(decode(y), c_i)`` at ``sg(y)``.
 
@@ -287,8 +294,5 @@ class DMDR(DMD):
             for term in self.reward_terms():
                 loss = loss + self.reward_loss(scores[term.name], term)
                 logs[f"reward/{term.name}"] = scores[term.name].detach().mean()
-        if self.gold_rewards:
-            images = self.backbone.decode(x0.detach())
-            for reward in self.gold_rewards:
-                logs[f"reward/gold/{reward.name}"] = reward.score(images, prompts).mean()
+        logs.update(self.gold_reward_logs(x0, prompts))
         return loss, logs

@@ -25,8 +25,8 @@ rewards (e.g. the digits gold classifier) can be optimized; B2 (``b2_weight > 0`
 differentiates every reward, so then all must be differentiable. Implemented:
 ``mode=weighted`` (B1) with ``softmax`` or ``linear`` weighting, ``reward_signal``
 ``target`` or ``improvement``, any η, the ``per_sample`` or ``group_mean``
-(GNDM-A1) normaliser, and B2 ``matched`` or ``raw``. Not yet: the B3 GRPO mode
-(``mode=grpo`` raises ``NotImplementedError``).
+(GNDM-A1) normaliser, B2 ``matched`` or ``raw``, and ``mode=grpo`` (B3, for ablation): after
+the cold start, GRPO on CPS rollouts with the target rewards as advantages (``methods/grpo.py``).
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
+from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel
 
@@ -74,7 +75,8 @@ class GDMDConfig:
     """GDMD settings (defaults: gdmd.md §2; the cold start mirrors DMDR's SD3-M run)."""
 
     mode: str = "weighted"
-    """``weighted``: B1, reward-weighted DMD (gdmd.md §2.2); ``grpo``: B3 (§2.4, not implemented)."""
+    """``weighted``: B1, reward-weighted DMD (gdmd.md §2.2); ``grpo``: B3 (§2.4, for ablation): after the
+    cold start, GRPO on CPS rollouts with the rewards of each final sample's implicit target as advantages."""
     eta: float = 1.0
     """η, the step of the implicit target ``x̃ = sg(x − η·g)``; 1 makes x̃ the regression target of L_DM."""
     normalizer: str = "per_sample"
@@ -152,11 +154,9 @@ class GDMDConfig:
             )
         if self.guidance_jitter < 0:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
-        if self.mode == "grpo":
-            raise NotImplementedError("GDMD mode='grpo' (B3): only mode='weighted' (B1) is implemented")
 
 
-class GDMD(DMDR):
+class GDMD(GRPOMixin, DMDR):
     """DMDR's substrate whose per-sample DMD updates are weighted by group advantages of the
     rewards of the implicit target ``x − η·g`` (gdmd.md B1), optionally plus their gradient at
     that target (B2).
@@ -168,6 +168,7 @@ class GDMD(DMDR):
         gold_rewards: rewards that are scored and logged on generator samples, never optimized.
         gdmd: GDMD settings: target step, weighting, B2, group size, cold start, DynaRS, reward weights
             (ω_m of the advantages, and of the rewards' B2 terms).
+        grpo: rollouts and PPO loss of ``gdmd.mode=grpo`` (B3).
         dmd: DMD2 settings (GDMD uses ε_n = 1e-8, TTUR 5, no GAN).
         generator_optimizer: AdamW of the generator.
         fake_score_optimizer: AdamW of the fake score.
@@ -184,6 +185,7 @@ class GDMD(DMDR):
         rewards: list[RewardModel],
         gold_rewards: list[RewardModel] | None = None,
         gdmd: GDMDConfig = GDMDConfig(),
+        grpo: GRPOConfig = GRPOConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
         generator_optimizer: OptimizerConfig = OptimizerConfig(),
         fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
@@ -205,6 +207,9 @@ class GDMD(DMDR):
             teacher_sampling, teacher_dtype, seed, max_generator_updates,
         )
         self.gdmd = gdmd
+        self.grpo = grpo
+        if gdmd.mode == "grpo":
+            self.check_grpo()
         if gdmd.b2_weight > 0:
             # Checked here, not at the first post-cold-start update thousands of steps into a run.
             try:
@@ -288,10 +293,38 @@ class GDMD(DMDR):
         logs["train/loss_b2"] = loss.detach()
         return loss
 
+    def in_grpo_phase(self) -> bool:
+        """B3 runs GRPO after the cold start; during it the update is B1 with w ≡ 1 (pure DMD)."""
+        return self.gdmd.mode == "grpo" and not self.in_cold_start()
+
+    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
+        """B3 after the cold start: a generator update rolls the student out with CPS (``GRPOMixin``)."""
+        if update_generator and self.in_grpo_phase():
+            return self.policy_inputs(batch)
+        return super().training_inputs(batch, update_generator)
+
+    def grpo_generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+        """B3: the PPO loss of the rollout, with advantage ``Σ_m ω_m·Â^m`` of ``R_m(decode(x̃))``,
+        ``x̃ = x − η·g`` at each final sample ``x`` (no gradient through the rewards or g)."""
+        prompts = batch["prompts"]
+        x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), cond, uncond)
+        gradient = self.dm_gradient(x0.detach(), x0_real, x0_fake)
+        with torch.no_grad():
+            scores = self.rewards.score_all(self.backbone.decode(x0.detach() - self.gdmd.eta * gradient), prompts)
+        advantages = combine_weighted(
+            {name: self.policy_advantages(r, self.gdmd.group_size) for name, r in scores.items()}, self.gdmd.reward_weights
+        )
+        loss, logs = self.policy_loss(batch["trajectory"], cond, advantages)
+        logs.update({f"reward/{name}/target": r.mean() for name, r in scores.items()})
+        logs.update({"train/dmd_grad_abs": gradient.abs().mean(), **self.gold_reward_logs(x0, prompts)})
+        return loss, logs
+
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − η·g_i))²)`` (+ B2); w ≡ 1 during the cold start."""
         prompts = batch["prompts"]
         check_grouped_prompts(prompts, self.gdmd.group_size)
+        if "trajectory" in batch:
+            return self.grpo_generator_loss(x0, cond, uncond, batch)
         loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
         direction = self.gdmd.eta * gradient
         logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
@@ -328,8 +361,5 @@ class GDMD(DMDR):
             "train/gdmd_weight_min": weights.min(),
             "train/gdmd_weight_max": weights.max(),
         })
-        if self.gold_rewards:
-            images = self.backbone.decode(x0.detach())
-            for reward in self.gold_rewards:
-                logs[f"reward/gold/{reward.name}"] = reward.score(images, prompts).mean()
+        logs.update(self.gold_reward_logs(x0, prompts))
         return loss, logs

@@ -17,7 +17,10 @@ such rollout then serves ``reuses`` generator updates. A reuse recomputes x̂0 a
 stored x_{σ_k} and weights every sample's loss by the detached, clipped prefix ratio
 ``ρ_i = clip(exp(Σ_{j<k} log π_θ − log π_old), 1 ± ε_IS)`` (ρ = 1 on the first use).
 The critic keeps training on fresh rollouts (``target=generator``), or on the reused
-ones weighted by ρ (``target=fake_score``). ``mode=grpo`` (A3) is not implemented.
+ones weighted by ρ (``target=fake_score``).
+
+``mode=grpo`` (A3, for ablation): a generator update rolls the student out with CPS steps and
+steps on the PPO loss (``methods/grpo.py``) with R_dm (and W1 rewards) as group advantages.
 """
 from __future__ import annotations
 
@@ -43,13 +46,13 @@ from rdm_lightning.core.group_dmd import (
     mismatch_scalar,
     weighted_dmd_loss,
 )
-from rdm_lightning.core.schedules import FlowSchedule
 from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
-from rdm_lightning.core.stochastic import Trajectory, VelocityFn, step_log_prob, stochastic_sample
+from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
+from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin, flow_velocity, require_flow
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel, RewardTerm
 
@@ -57,6 +60,7 @@ NORMALIZERS = ("group_mean", "per_sample")
 ADV_WEIGHTINGS = ("none", "clipped")
 RDM_SCALARS = ("mismatch", "elbo_diff")
 REWARD_COMBINATIONS = ("auto", "refl_sum", "group_adv")
+MODES = ("pathwise", "grpo")
 IS_RULES = ("cps", "flowgrpo_sde")
 IS_LOG_PROBS = ("exact_mean", "exact_sum")
 IS_TARGETS = ("generator", "fake_score")
@@ -83,6 +87,11 @@ class GNDMConfig:
     rdm_draws: int = 2
     """J draws of (σ, ε) averaged by the R_dm scalar (the first reuses the DM draw); only
     drawn when ``adv_weighting=clipped``, else the logged scalar uses the DM draw alone."""
+    mode: Literal["pathwise", "grpo"] = "pathwise"
+    """``pathwise``: DMD's pathwise update (A1/A2); ``grpo`` (A3, for ablation): the R_dm scalar
+    (set ``rdm_scalar: elbo_diff``, the spec's) plus W1 rewards as GRPO advantages on CPS rollouts."""
+    lambda_path: float = 0.0
+    """A3: weight of the pathwise GNDM loss added to the GRPO loss (0: none)."""
     center_gradient: bool = False
     """A1′: subtract the group mean of g (not recommended: it removes the shared push)."""
     reward_combination: Literal["auto", "refl_sum", "group_adv"] = "auto"
@@ -98,6 +107,7 @@ class GNDMConfig:
             ("adv_weighting", self.adv_weighting, ADV_WEIGHTINGS),
             ("rdm_scalar", self.rdm_scalar, RDM_SCALARS),
             ("reward_combination", self.reward_combination, REWARD_COMBINATIONS),
+            ("mode", self.mode, MODES),
         ):
             if value not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
@@ -107,6 +117,8 @@ class GNDMConfig:
             raise ValueError(f"rdm_draws must be >= 1, got {self.rdm_draws}")
         if self.adv_kappa < 0 or self.adv_clip <= 0:
             raise ValueError(f"need adv_kappa >= 0 and adv_clip > 0, got {self.adv_kappa}, {self.adv_clip}")
+        if self.lambda_path < 0:
+            raise ValueError(f"lambda_path must be >= 0, got {self.lambda_path}")
         if self.lambda_ramp_updates < 0:
             raise ValueError(f"lambda_ramp_updates must be >= 0, got {self.lambda_ramp_updates}")
 
@@ -183,7 +195,7 @@ class StoredRollout:
         return cls(list(state["prompts"]), trajectory, state["uses"])
 
 
-class GNDM(DMDR):
+class GNDM(GRPOMixin, DMDR):
     """GNDM (no rewards) or GNDMR (rewards): group-normalised DMD with R_dm advantages and reward directions.
 
     Args:
@@ -194,6 +206,7 @@ class GNDM(DMDR):
         gold_rewards: rewards scored and logged on generator samples, never optimized.
         gndm: GNDM / GNDMR switches.
         importance_sampling: trajectory reuse with clipped prefix ratios (§2.5); off by default.
+        grpo: rollouts and PPO loss of ``gndm.mode=grpo`` (A3).
         dmdr: DMDR substrate: cold start (N0 of every reward term), hinge (``refl_sum``), CFG
             jitter, DynaRS, and ``reward_weights``: per reward, ω_m (W1), λ_m^max (W2) or w_m (hinge).
         dmd: DMD2 settings (ε_n = 1e-8, TTUR 5, no GAN).
@@ -213,6 +226,7 @@ class GNDM(DMDR):
         gold_rewards: list[RewardModel] | None = None,
         gndm: GNDMConfig = GNDMConfig(),
         importance_sampling: ImportanceSamplingConfig = ImportanceSamplingConfig(),
+        grpo: GRPOConfig = GRPOConfig(),
         dmdr: DMDRConfig = DMDRConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
         generator_optimizer: OptimizerConfig = OptimizerConfig(),
@@ -231,12 +245,13 @@ class GNDM(DMDR):
         if self.rewards is not None and gndm.reward_combination == "refl_sum":
             self.rewards.require_differentiable()
         self.importance_sampling = importance_sampling
+        self.grpo = grpo
+        if gndm.mode == "grpo":
+            self.check_grpo()
         if importance_sampling.enabled:
-            if not isinstance(backbone.schedule, FlowSchedule):
-                raise ValueError(
-                    f"importance sampling rolls out flow steps (CPS / Flow-GRPO SDE); "
-                    f"{type(backbone).__name__} has a {type(backbone.schedule).__name__}, not a FlowSchedule"
-                )
+            require_flow(backbone, "importance sampling")
+            if gndm.mode == "grpo":
+                raise ValueError("importance sampling reuses pathwise backward-simulation prefixes: not with mode='grpo'")
             if not dmd.backward_simulation:
                 raise ValueError("importance sampling reuses backward-simulation prefixes: set dmd.backward_simulation")
         self.stored_rollout: StoredRollout | None = None
@@ -268,10 +283,10 @@ class GNDM(DMDR):
     def dm_direction(self, x: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor]:
         """``(g, r)``: the DM direction of the first draw and the per-sample R_dm scalar ``[B]``.
 
-        r averages ``rdm_draws`` draws only when it weights the loss; for logging alone
+        r averages ``rdm_draws`` draws only when it weights the loss or is the GRPO reward; for logging alone
         the first draw is enough and saves the extra teacher and critic passes.
         """
-        draws = self.gndm.rdm_draws if self.gndm.adv_weighting == "clipped" else 1
+        draws = self.gndm.rdm_draws if self.gndm.adv_weighting == "clipped" or self.gndm.mode == "grpo" else 1
         x0_real, x0_fake, scale = self.dm_estimates(x, cond, uncond)
         reals, fakes = [x0_real], [x0_fake]
         for _ in range(draws - 1):
@@ -294,6 +309,8 @@ class GNDM(DMDR):
         prompts = list(batch["prompts"])
         group_size = self.gndm.group_size
         check_grouped_prompts(prompts, group_size)
+        if self.gndm.mode == "grpo":
+            return self.grpo_generator_loss(x0, cond, uncond, prompts, batch["trajectory"])
         gradient, rdm = self.dm_direction(x0.detach(), cond, uncond)
         logs = {"train/rdm_scalar": rdm.mean(), "train/dmd_grad_abs": gradient.abs().mean()}
         # Â^m and ω_m of every term of the weights; R_dm's own when adv_weighting is on.
@@ -342,22 +359,35 @@ class GNDM(DMDR):
                 scores = term.reward.score(images, prompts, with_grad=True)
                 loss = loss + hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
                 logs[f"reward/{term.name}"] = scores.detach().mean()
-        if self.gold_rewards:
-            images = self.backbone.decode(x0.detach())
-            for reward in self.gold_rewards:
-                logs[f"reward/gold/{reward.name}"] = reward.score(images, prompts).mean()
+        logs.update(self.gold_reward_logs(x0, prompts))
+        return loss, logs
+
+    def grpo_generator_loss(
+        self, x0: Tensor, cond: Conditioning, uncond: Conditioning, prompts: list[str], trajectory: Trajectory
+    ) -> tuple[Tensor, dict]:
+        """A3: GRPO on the rollout with advantage ``Σ_m ω_m·Â^m`` of R_dm (ω = 1) and, after the cold
+        start, every reward (W1), plus ``lambda_path`` × the pathwise GNDM loss.
+
+        ``x0`` is the generator's prediction at the rollout's last input: its final sample, with grad.
+        """
+        group_size = self.gndm.group_size
+        gradient, rdm = self.dm_direction(x0.detach(), cond, uncond)
+        scores, omegas = {DM_REWARD: rdm}, {DM_REWARD: 1.0}
+        if not self.in_cold_start() and self.rewards is not None:
+            scores.update(self.rewards.score_all(self.backbone.decode(x0.detach()), prompts))
+            omegas.update({term.name: term.weight for term in self.reward_terms()})
+        advantages = combine_weighted({name: self.policy_advantages(r, group_size) for name, r in scores.items()}, omegas)
+        loss, logs = self.policy_loss(trajectory, cond, advantages)
+        logs.update({"train/rdm_scalar": rdm.mean(), "train/dmd_grad_abs": gradient.abs().mean()})
+        logs.update({f"reward/{name}": r.mean() for name, r in scores.items() if name != DM_REWARD})
+        if self.gndm.lambda_path > 0:
+            loss_path = weighted_dmd_loss(x0, gradient)
+            loss = loss + self.gndm.lambda_path * loss_path
+            logs["train/loss_dm"] = loss_path.detach()
+        logs.update(self.gold_reward_logs(x0, prompts))
         return loss, logs
 
     # ---- importance sampling (§2.5) ---------------------------------------------------------
-    def generator_velocity(self, cond: Conditioning) -> VelocityFn:
-        """The generator as a flow velocity ``v = (x − x̂0)/σ``, the form the stochastic steps take."""
-
-        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-            x0 = self.backbone.predict_x0(self.generator, x, sigma, cond)
-            return (x.float() - x0) / sigma.float().view(-1, *[1] * (x.ndim - 1))
-
-        return velocity
-
     @torch.no_grad()
     def stochastic_prefix(self, cond: Conditioning, n: int, role: str) -> Trajectory:
         """Backward simulation with stochastic steps: k ~ U{0..N−1} (same on every rank), then k
@@ -367,7 +397,7 @@ class GNDM(DMDR):
         config = self.importance_sampling
         self.rollouts[role] += 1
         return stochastic_sample(
-            self.generator_velocity(cond), self.randn((n, *self.backbone.latent_shape)), levels, config.rule,
+            flow_velocity(self.backbone, self.generator, cond), self.randn((n, *self.backbone.latent_shape)), levels, config.rule,
             config.rule_kwargs, generator=self.rng, log_prob=config.log_prob, num_steps=step,
         )
 
@@ -382,7 +412,7 @@ class GNDM(DMDR):
         n = len(trajectory.latents[0])
         if trajectory.num_steps == 0:
             return torch.ones(n, device=self.device)
-        velocity = self.generator_velocity(cond)
+        velocity = flow_velocity(self.backbone, self.generator, cond)
         new = torch.stack([step_log_prob(velocity, trajectory, j) for j in range(trajectory.num_steps)], dim=1)
         old = torch.stack(trajectory.log_probs, dim=1)
         epsilon = self.importance_sampling.epsilon
@@ -398,7 +428,9 @@ class GNDM(DMDR):
         return self.prefix_input(self.stochastic_prefix(cond, n, "fake_score"))
 
     def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
-        """Under IS a generator update reuses the stored rollout while it has uses left, else rolls out and stores."""
+        """``mode=grpo``: a generator update rolls out with CPS. Under IS a generator update reuses the stored rollout while it has uses left, else rolls out and stores."""
+        if self.gndm.mode == "grpo" and update_generator:
+            return self.policy_inputs(batch)
         config = self.importance_sampling
         if not (config.enabled and update_generator):
             return super().training_inputs(batch, update_generator)

@@ -1,0 +1,107 @@
+"""The GRPO mode shared by GNDM-A3 and GDMD-B3 (``grpo.md``): stochastic rollouts and the PPO loss.
+
+In this mode a generator update rolls the student out with CPS steps (no grad), scores each
+final sample with a per-trajectory reward (GNDM: the R_dm ``elbo_diff`` scalar; GDMD: the
+rewards of the implicit target), turns the rewards into group advantages and steps on the
+clipped PPO loss of every stochastic step. The critic trains on the rollouts' final samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.core.advantages import group_advantages
+from rdm_lightning.core.policy import trajectory_policy_loss
+from rdm_lightning.core.schedules import FlowSchedule
+from rdm_lightning.core.stochastic import LOG_PROBS, Trajectory, VelocityFn, stochastic_sample
+
+ADVANTAGE_STDS = ("global", "group")
+
+
+def require_flow(backbone: Backbone, what: str) -> None:
+    """Stochastic rollouts take flow steps: refuse other schedules, naming ``what`` needs them."""
+    if not isinstance(backbone.schedule, FlowSchedule):
+        raise ValueError(
+            f"{what} rolls out flow steps (CPS / Flow-GRPO SDE); "
+            f"{type(backbone).__name__} has a {type(backbone.schedule).__name__}, not a FlowSchedule"
+        )
+
+
+def flow_velocity(backbone: Backbone, network: torch.nn.Module, cond: Conditioning) -> VelocityFn:
+    """``network`` as a flow velocity ``v = (x − x̂0)/σ``, the form the stochastic steps take."""
+
+    def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+        x0 = backbone.predict_x0(network, x, sigma, cond)
+        return (x.float() - x0) / sigma.float().view(-1, *[1] * (x.ndim - 1))
+
+    return velocity
+
+
+@dataclass
+class GRPOConfig:
+    """Rollouts and loss of the GRPO modes (``grpo.md`` §6–8; GNDM ``mode=grpo``, GDMD ``mode=grpo``)."""
+
+    eta: float = 0.9
+    """CPS η of the rollout steps; the last step, into σ = 0, is deterministic (ς = 0) and untrained."""
+    log_prob: Literal["exact_mean", "exact_sum", "cps_simplified"] = "exact_mean"
+    """Stored log π: Gaussian averaged (``exact_mean``, the default for new methods) or summed over
+    dimensions, or CPS's ``−mean((x′ − μ)²)`` of the reference repositories."""
+    clip_range: float = 1e-4
+    """PPO's ε (Flow-GRPO: 1e-4 with averaged log-probs)."""
+    advantage_std: Literal["global", "group"] = "global"
+    """Scale of the group advantages: std over the batch (Flow-GRPO's default) or over the group."""
+    advantage_clip: float = 5.0
+    """Advantages are clipped to ±this (grpo.md §6)."""
+
+    def __post_init__(self):
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"grpo.eta must be in (0, 1], got {self.eta}")
+        if self.log_prob not in LOG_PROBS:
+            raise ValueError(f"grpo.log_prob must be one of {LOG_PROBS}, got {self.log_prob!r}")
+        if not 0 <= self.clip_range < 1:
+            raise ValueError(f"grpo.clip_range must be in [0, 1), got {self.clip_range}")
+        if self.advantage_std not in ADVANTAGE_STDS:
+            raise ValueError(f"grpo.advantage_std must be one of {ADVANTAGE_STDS}, got {self.advantage_std!r}")
+        if self.advantage_clip <= 0:
+            raise ValueError(f"grpo.advantage_clip must be > 0, got {self.advantage_clip}")
+
+
+class GRPOMixin:
+    """The GRPO mode's rollout and loss, for :class:`~rdm_lightning.methods.dmd.DMD` subclasses
+    that set ``self.grpo`` (a :class:`GRPOConfig`)."""
+
+    grpo: GRPOConfig
+
+    def check_grpo(self) -> None:
+        """A GRPO mode needs a flow backbone and a stochastic step before the last."""
+        require_flow(self.backbone, f"{type(self).__name__} mode='grpo'")
+        if len(self.student_levels()) < 2:
+            raise ValueError("mode='grpo' needs a student of >= 2 steps: the last step (into σ = 0) is deterministic")
+
+    def policy_inputs(self, batch: dict) -> tuple[dict, Conditioning, Tensor, Tensor]:
+        """Roll the student out (no grad) and return the batch with its ``trajectory``, and the
+        last step's input ``(x_{T−1}, σ_{T−1})``: the generator's prediction there is the final sample."""
+        cond = self.backbone.encode_prompts(batch["prompts"])
+        noise = self.randn((len(batch["prompts"]), *self.backbone.latent_shape))
+        with torch.no_grad():
+            trajectory = stochastic_sample(
+                flow_velocity(self.backbone, self.generator, cond), noise, self.student_levels(), "cps",
+                {"eta": self.grpo.eta}, generator=self.rng, log_prob=self.grpo.log_prob,
+            )
+        x_in = trajectory.latents[-2]
+        level = trajectory.sigmas[-2].to(x_in).expand(len(x_in))
+        return {**batch, "trajectory": trajectory}, cond, x_in, level
+
+    def policy_advantages(self, rewards: Tensor, group_size: int) -> Tensor:
+        """Group advantages of per-trajectory rewards (mean over the group; global or group std; clipped)."""
+        return group_advantages(rewards, group_size, self.grpo.advantage_std, clip=self.grpo.advantage_clip)
+
+    def policy_loss(self, trajectory: Trajectory, cond: Conditioning, advantages: Tensor) -> tuple[Tensor, dict]:
+        """The PPO loss of every stochastic step of ``trajectory`` under the current generator."""
+        velocity = flow_velocity(self.backbone, self.generator, cond)
+        loss, logs = trajectory_policy_loss(velocity, trajectory, advantages, self.grpo.clip_range)
+        return loss, {**logs, "train/loss_policy": loss.detach(), "train/advantage_abs": advantages.abs().mean()}
