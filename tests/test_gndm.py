@@ -357,3 +357,12 @@ def test_a3_refuses_importance_sampling_and_one_step_students(tiny_digits_teache
         GNDM(backbone, gndm=GNDMConfig(mode="grpo"), student=StudentConfig(num_steps=1))
     with pytest.raises(ValueError, match="mode must be one of"):
         GNDMConfig(mode="ppo")
+
+
+@pytest.mark.parametrize("group_level", [True, False])
+def test_dm_levels_are_shared_within_a_group(tiny_digits_teacher, group_level):
+    module = make_gndm(tiny_digits_teacher, group_level=group_level)
+    levels = module.dm_levels(8).view(2, 4)
+    shared = bool((levels == levels[:, :1]).all())
+    assert shared == group_level
+    assert levels[0, 0] != levels[1, 0]

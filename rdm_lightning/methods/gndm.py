@@ -32,6 +32,7 @@ from torch import Tensor
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.advantages import (
+    check_group_size,
     clipped_advantage_weights,
     clipped_importance_ratio,
     combine_weighted,
@@ -87,6 +88,10 @@ class GNDMConfig:
     rdm_draws: int = 2
     """J draws of (σ, ε) averaged by the R_dm scalar (the first reuses the DM draw); only
     drawn when ``adv_weighting=clipped``, else the logged scalar uses the DM draw alone."""
+    group_level: bool = True
+    """Draw the DM re-noising level once per group (the library's reading of A1): the group mean
+    n̄ then compares samples at one σ, so their relative magnitudes measure the distance to the
+    teacher, not the σ each drew. ``False``: one level per sample, as DMD."""
     mode: Literal["pathwise", "grpo"] = "pathwise"
     """``pathwise``: DMD's pathwise update (A1/A2); ``grpo`` (A3, for ablation): the R_dm scalar
     (set ``rdm_scalar: elbo_diff``, the spec's) plus W1 rewards as GRPO advantages on CPS rollouts."""
@@ -274,6 +279,13 @@ class GNDM(GRPOMixin, DMDR):
         )
 
     # ---- the DM direction and R_dm ----------------------------------------------------------
+    def dm_levels(self, n: int) -> Tensor:
+        """DynaRS levels, one per group under ``group_level`` (repeated over its K samples)."""
+        if not self.gndm.group_level:
+            return super().dm_levels(n)
+        check_group_size(n, self.gndm.group_size)
+        return super().dm_levels(n // self.gndm.group_size).repeat_interleave(self.gndm.group_size)
+
     def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
         """g of one draw under the configured normaliser (A1 group mean, or DMD's per sample)."""
         if self.gndm.normalizer == "group_mean":
