@@ -1,4 +1,5 @@
 """LightningModules of the distillation methods."""
+from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
 from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
@@ -9,6 +10,8 @@ from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.teacher import DigitsTeacherPretraining, ensure_digits_teacher
 
 __all__ = [
+    "ACDMD",
+    "ACDMDConfig",
     "DMD",
     "DMDConfig",
     "DMDR",
