@@ -39,13 +39,6 @@ from rdm_lightning.methods import ACDMD, ACDMDConfig, DMDConfig, OptimizerConfig
 from rdm_lightning.methods.acdmd import ROLLOUT_KEY, SIGMA_S_KEY
 from rdm_lightning.methods.grpo import flow_velocity
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is an instance of `nn.Module`:UserWarning",
-    "ignore:.*module\\(s\\) in eval mode:UserWarning",
-    "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning",
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*LeafSpec",
-)
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7", "a handwritten digit 0", "a handwritten digit 9"]
 ETA = 0.9

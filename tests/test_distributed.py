@@ -15,7 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -24,13 +23,6 @@ from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import DMD, DMDConfig, OptimizerConfig, StudentConfig
 
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is an instance of `nn.Module`:UserWarning",
-    "ignore:.*module\\(s\\) in eval mode:UserWarning",
-    "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning",
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*LeafSpec",
-)
 
 WORLD_SIZE = 2
 

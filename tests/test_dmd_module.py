@@ -31,11 +31,6 @@ from rdm_lightning.methods.base import TRAINABLE_ROLES
 
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is an instance of `nn.Module`:UserWarning",
-    "ignore:.*module\\(s\\) in eval mode:UserWarning",
-    "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning",
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*LeafSpec",
     "ignore:Checkpoint directory .* exists and is not empty",
 )
 
@@ -559,3 +554,26 @@ def test_single_optimizer_generator_step_leaves_critic_bit_identical(tiny_digits
         assert all(torch.equal(after[k], state_before[id(p)][k]) for k in after)
     assert none_equal(generator_before, module.generator)
     assert all(int(optimizer.state[p]["step"]) == 2 for p in module.generator.parameters())
+
+
+def test_ema_every_n_updates_with_warmup_decay():
+    """RTDMD stage 2's EMA: decay min((1+n)/(10+n), d) applied after every 8th generator update."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    live, ema = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    module = SimpleNamespace(generator=live, generator_ema=ema, generator_updates=0)
+    callback = GeneratorEMA(decay=0.9, every_n_updates=8, warmup=True)
+    expected = ema.weight.detach().clone()
+    for update in range(1, 25):
+        module.generator_updates = update
+        with torch.no_grad():
+            live.weight.fill_(float(update))
+        callback.on_train_batch_end(None, module, None, None, 0)
+        if update % 8 == 0:
+            decay = min(update / (9 + update), 0.9)  # n = update − 1 updates before this one
+            expected = decay * expected + (1 - decay) * float(update)
+        assert torch.allclose(ema.weight, expected), update
+    with pytest.raises(ValueError, match="every_n_updates must be >= 1"):
+        GeneratorEMA(every_n_updates=0)

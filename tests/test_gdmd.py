@@ -23,11 +23,6 @@ from rdm_lightning.rewards.base import RewardModel
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:GDMD group_size=.*:UserWarning",
-    "ignore:.*is an instance of `nn.Module`:UserWarning",
-    "ignore:.*module\\(s\\) in eval mode:UserWarning",
-    "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning",
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*LeafSpec",
 )
 
 K = 4

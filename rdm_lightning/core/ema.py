@@ -15,3 +15,11 @@ def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
         for ema_t, live_t in pairs:
             if ema_t.is_floating_point():
                 ema_t.lerp_(live_t.to(ema_t.dtype), 1.0 - decay)
+
+
+def ema_warmup_decay(update: int, max_decay: float) -> float:
+    """Warm-up decay ``min((1 + n)/(10 + n), max_decay)`` after n updates (Flow-GRPO's
+    ``EMAModuleWrapper``; RTDMD stage 2, ``rtdmd.md`` §5): early averages forget the start quickly."""
+    if update < 0:
+        raise ValueError(f"update must be >= 0, got {update}")
+    return min((1 + update) / (10 + update), max_decay)

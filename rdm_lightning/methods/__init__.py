@@ -6,6 +6,7 @@ from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.gndm import GNDM, GNDMConfig, ImportanceSamplingConfig
 from rdm_lightning.methods.gdmd import GDMD, GDMDConfig
 from rdm_lightning.methods.grpo import GRPOConfig
+from rdm_lightning.methods.rtdmd import RTDMD, RTDMDConfig
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.teacher import DigitsTeacherPretraining, ensure_digits_teacher
 
@@ -25,6 +26,8 @@ __all__ = [
     "GRPOConfig",
     "ImportanceSamplingConfig",
     "OptimizerConfig",
+    "RTDMD",
+    "RTDMDConfig",
     "RoleAwareAdamW",
     "StudentConfig",
     "TeacherSamplingConfig",

@@ -1,0 +1,402 @@
+"""RTDMD stage 2 (rtdmd.md §2, §4, §5 "Stage 2"; acceptance checks 4–6; grpo.md §6, §8).
+
+On the tiny random digits teacher: loading a stage-1 ACDMD checkpoint, SubGRPO step selection and
+per-prompt shared noise across simulated ranks (check 4), log-prob recomputation (check 5), the
+masked advantages (check 6), one fake-score and one generator step per RL iteration, a short fit,
+and a resumed run reproducing the uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from rdm_lightning.backbones.digits import (
+    DigitsBackbone,
+    DigitsConfig,
+    DigitsDenoiser,
+    DigitsTextEncoder,
+    save_digits_model,
+)
+from rdm_lightning.callbacks.ema import GeneratorEMA
+from rdm_lightning.core.rtdmd import shared_step_noise, subgrpo_steps
+from rdm_lightning.core.stochastic import step_log_prob
+from rdm_lightning.data.digits import DigitsDataModule
+from rdm_lightning.methods import ACDMD, ACDMDConfig, DMDConfig, OptimizerConfig, StudentConfig
+from rdm_lightning.methods.grpo import flow_velocity
+from rdm_lightning.methods.rtdmd import (
+    RTDMD,
+    RTDMDConfig,
+    masked_rtdmd_advantages,
+)
+from rdm_lightning.rewards import RewardModel, StrokeContrastReward
+
+
+K = 4
+PROMPTS = ["a handwritten digit 3"] * K + ["a handwritten digit 7"] * K
+
+
+class BrightnessGold(RewardModel):
+    """Mean brightness: a non-differentiable reward (stands in for a gold reward)."""
+
+    def _score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def rewards():
+    return [StrokeContrastReward(name="stroke"), StrokeContrastReward(ink_fraction=0.5, name="stroke_half")]
+
+
+def make_rtdmd(teacher: Path, stage1: Path | None = None, *, lr: float = 1e-3, seed: int = 0, reward_list=None,
+               gold=None, max_generator_updates=None, num_steps: int = 4, **config) -> RTDMD:
+    optimizer = OptimizerConfig(lr=lr)
+    return RTDMD(
+        DigitsBackbone(path=str(teacher)),
+        rewards=rewards() if reward_list is None else reward_list,
+        gold_rewards=gold,
+        stage1_checkpoint=None if stage1 is None else str(stage1),
+        rtdmd=RTDMDConfig(group_size=K, **config),
+        dmd=DMDConfig(guidance_scale=1.5),
+        generator_optimizer=optimizer,
+        fake_score_optimizer=optimizer,
+        student=StudentConfig(num_steps=num_steps),
+        seed=seed,
+        max_generator_updates=max_generator_updates,
+    )
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tiny_digits_teacher, tmp_path_factory) -> Path:
+    """A stage-1 ACDMD checkpoint after one iteration (one generator and one fake-score update, EMA 0.99):
+    its generator, EMA and fake score all differ from the pretrained network and from each other."""
+    torch.manual_seed(0)
+    module = ACDMD(
+        DigitsBackbone(path=str(tiny_digits_teacher)), acdmd=ACDMDConfig(),
+        dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=1),
+        generator_optimizer=OptimizerConfig(lr=1e-2), fake_score_optimizer=OptimizerConfig(lr=1e-2),
+        student=StudentConfig(num_steps=4),
+    )
+    fit = trainer(max_steps=2, callbacks=[GeneratorEMA(decay=0.99)])
+    fit.fit(module, DigitsDataModule(batch_size=8))
+    assert module.generator_updates == 1 and module.role_updates["fake_score"] == 1
+    path = tmp_path_factory.mktemp("stage1") / "last.ckpt"
+    fit.save_checkpoint(path)
+    return path
+
+
+def stage1_state(path: Path, prefix: str) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def equal_states(module: torch.nn.Module, state: dict) -> bool:
+    mine = module.state_dict()
+    return mine.keys() == state.keys() and all(torch.equal(mine[k], state[k]) for k in mine)
+
+
+# ---- configuration and construction ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"group_size": 1}, "group_size"), ({"num_selected_steps": 0}, "num_selected_steps"),
+     ({"clip_range": 1.0}, "clip_range"), ({"advantage_clip": 0.0}, "advantage_clip"),
+     ({"acdmd_weight": -1.0}, "acdmd_weight"), ({"backprop_weight": math.nan}, "backprop_weight"),
+     ({"reward_weights": {"stroke": math.inf}}, "reward_weights")],
+)
+def test_config_names_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RTDMDConfig(**kwargs)
+
+
+def test_defaults_follow_the_spec():
+    config = RTDMDConfig()
+    assert (config.num_selected_steps, config.clip_range, config.advantage_clip) == (2, 1e-5, 5.0)
+    assert (config.acdmd_weight, config.backprop_weight, config.backprop_hinge) == (1e-3, 1e-4, 3.0)
+    assert ACDMDConfig().eta == 0.9 and ACDMDConfig().consistency_weight == 0.01
+
+
+def test_stage1_generator_ema_and_fake_score_are_loaded(tiny_digits_teacher, stage1_checkpoint, tmp_path):
+    module = make_rtdmd(tiny_digits_teacher, stage1_checkpoint)
+    ema, generator = stage1_state(stage1_checkpoint, "generator_ema."), stage1_state(stage1_checkpoint, "generator.")
+    assert module.stage1_source == "generator_ema"
+    assert equal_states(module.generator, ema) and not equal_states(module.generator, generator)
+    assert equal_states(module.fake_score, stage1_state(stage1_checkpoint, "fake_score."))
+    assert not equal_states(module.generator, module.teacher.state_dict())
+    # Only weights come over: stage 2 starts at iteration 0, with its own stream.
+    assert module.rl_iterations == module.iterations == module.generator_updates == 0
+    # Without an EMA in the checkpoint, the stage-1 generator itself.
+    checkpoint = torch.load(stage1_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("generator_ema.")}
+    torch.save(checkpoint, tmp_path / "no_ema.ckpt")
+    module = make_rtdmd(tiny_digits_teacher, tmp_path / "no_ema.ckpt")
+    assert module.stage1_source == "generator" and equal_states(module.generator, generator)
+
+
+def test_other_student_levels_than_stage1_warn(tiny_digits_teacher, stage1_checkpoint):
+    with pytest.warns(UserWarning, match=r"trained student levels \[1\.0, 0\.75, 0\.5, 0\.25\], stage 2 uses \[1\.0, 0\.5\]"):
+        module = make_rtdmd(tiny_digits_teacher, stage1_checkpoint, num_steps=2, num_selected_steps=1)
+    assert module.selected_steps(0) == [0]
+
+
+def test_bad_stage1_checkpoints_are_refused_clearly(tiny_digits_teacher, tmp_path):
+    missing = tmp_path / "runs" / "nothing.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"stage1_checkpoint.*not found at '{missing}'"):
+        make_rtdmd(tiny_digits_teacher, missing)
+    torch.save({"epoch": 0}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        make_rtdmd(tiny_digits_teacher, tmp_path / "plain.pt")
+    torch.save({"state_dict": {"generator.conv1.base_layer.weight": torch.zeros(1),
+                               "generator.conv1.lora_A.default.weight": torch.zeros(1)}}, tmp_path / "lora.ckpt")
+    with pytest.raises(NotImplementedError, match="LoRA adapters.*merge"):
+        make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt")
+
+
+def test_non_differentiable_optimized_reward_is_refused(tiny_digits_teacher):
+    with pytest.raises(ValueError, match=r"reward backprop.*\['gold'\] are not differentiable"):
+        make_rtdmd(tiny_digits_teacher, reward_list=[BrightnessGold(name="gold")])
+    with pytest.raises(ValueError, match="at least one reward"):
+        make_rtdmd(tiny_digits_teacher, reward_list=[])
+    # Through the advantages only, any reward is fine.
+    make_rtdmd(tiny_digits_teacher, reward_list=[BrightnessGold(name="gold")], backprop_weight=0.0)
+    with pytest.raises(ValueError, match="exceeds the 3 stochastic steps"):
+        make_rtdmd(tiny_digits_teacher, num_selected_steps=4)
+
+
+def test_eps_vp_backbone_is_refused(tmp_path):
+    config = DigitsConfig(prediction="epsilon", channels=8)
+    folder = save_digits_model(
+        tmp_path / "eps", config, DigitsTextEncoder(config.text_dim, config.max_tokens), DigitsDenoiser(8, config.text_dim)
+    )
+    with pytest.raises(ValueError, match="rolls out flow steps .*has a VPSchedule, not a FlowSchedule"):
+        RTDMD(DigitsBackbone(path=str(folder)), rewards=rewards())
+
+
+# ---- check 4: SubGRPO steps and shared noise ---------------------------------------------------------
+def step_noise_used(rollout, j: int) -> torch.Tensor:
+    """ξ_j recovered from the recorded transition: (x_{j+1} − μ_j)/ς_j."""
+    t = rollout.trajectory
+    return (t.latents[j + 1] - t.means[j]) / t.stds[j]
+
+
+@pytest.mark.parametrize("iteration", [0, 1, 7])
+def test_subgrpo_steps_and_shared_noise_agree_across_ranks_check_4(tiny_digits_teacher, iteration):
+    ranks = [make_rtdmd(tiny_digits_teacher) for _ in range(2)]
+    for rank, module in enumerate(ranks):
+        module.rng.manual_seed(module.seed + rank)  # on_fit_start: each rank offsets its stream by its rank
+    prompts = [PROMPTS, PROMPTS[K:] + ["a handwritten digit 0"] * K]  # "7" on both ranks
+    rollouts = [m.rollout(p, m.backbone.encode_prompts(p), iteration) for m, p in zip(ranks, prompts)]
+    selected = subgrpo_steps(0, iteration, [0, 1, 2], 2)
+    assert rollouts[0].selected_steps == rollouts[1].selected_steps == selected
+    (unselected,) = [j for j in range(3) if j not in selected]
+    assert set(rollouts[0].step_noise) == {unselected}
+    for rollout, p in zip(rollouts, prompts):
+        traj = rollout.trajectory
+        assert traj.stochastic == [True, True, True, False] and traj.trainable == [True, True, True, False]
+        shared = step_noise_used(rollout, unselected)
+        torch.testing.assert_close(shared, shared_step_noise(p, unselected, iteration, (1, 8, 8)), atol=2e-5, rtol=0)
+        for g in range(2):
+            group = shared[g * K:(g + 1) * K]
+            torch.testing.assert_close(group, group[:1].expand_as(group), atol=2e-5, rtol=0)  # all K images
+            for j in selected:  # the trained steps draw independent noise per image
+                fresh = step_noise_used(rollout, j)[g * K:(g + 1) * K]
+                assert not torch.allclose(fresh[0], fresh[1], atol=1e-3)
+            initial = traj.latents[0][g * K:(g + 1) * K]
+            assert not torch.allclose(initial[0], initial[1])  # initial latents stay independent
+    # The prompt shared by both ranks got the same noise on both; its initial latents differ.
+    torch.testing.assert_close(step_noise_used(rollouts[0], unselected)[K:], step_noise_used(rollouts[1], unselected)[:K],
+                               atol=2e-5, rtol=0)
+    assert torch.equal(rollouts[0].step_noise[unselected][K:], rollouts[1].step_noise[unselected][:K])
+    assert not torch.allclose(rollouts[0].trajectory.latents[0][K:], rollouts[1].trajectory.latents[0][:K])
+    # Another iteration selects by its own seed and draws other shared noise.
+    other = ranks[0].rollout(PROMPTS, ranks[0].backbone.encode_prompts(PROMPTS), iteration + 1)
+    assert other.selected_steps == subgrpo_steps(0, iteration + 1, [0, 1, 2], 2)
+    assert all(not torch.equal(z, rollouts[0].step_noise.get(j, z + 1)) for j, z in other.step_noise.items())
+
+
+# ---- check 5: log-probs -------------------------------------------------------------------------------
+def test_recomputed_log_probs_give_ratio_one_and_final_step_zero_check_5(tiny_digits_teacher, stage1_checkpoint):
+    module = make_rtdmd(tiny_digits_teacher, stage1_checkpoint)
+    cond = module.backbone.encode_prompts(PROMPTS)
+    rollout = module.rollout(PROMPTS, cond)
+    traj = rollout.trajectory
+    assert traj.log_prob == "cps_simplified"
+    velocity = flow_velocity(module.backbone, module.generator, cond)
+    for j in range(3):
+        new = step_log_prob(velocity, traj, j)
+        assert new.requires_grad and torch.equal(new.detach(), traj.log_probs[j])
+        assert torch.equal(torch.exp(new.detach() - traj.log_probs[j]), torch.ones(len(PROMPTS)))
+        by_hand = -((traj.latents[j + 1] - traj.means[j]) ** 2).mean(dim=(1, 2, 3))  # −mean_pix((x′ − μ)²)
+        torch.testing.assert_close(traj.log_probs[j], by_hand)
+        assert (traj.log_probs[j] < 0).all()
+    assert torch.equal(traj.log_probs[3], torch.zeros(len(PROMPTS))) and not traj.is_trainable(3)
+    assert torch.equal(step_log_prob(velocity, traj, 3), torch.zeros(len(PROMPTS)))
+    # The final x̂0 recomputed with grad at the stored x_{σ3} is the rollout's.
+    torch.testing.assert_close(module.final_step_x0(rollout, cond), rollout.final_x0, rtol=1e-5, atol=1e-6)
+    # Through the loss: every |log ρ| is 0 and the PPO term reaches the generator.
+    advantages = torch.linspace(-1, 1, len(PROMPTS))
+    loss, logs = module.rl_generator_loss(rollout, advantages, cond, module.backbone.empty_conditioning(len(PROMPTS)))
+    assert logs["train/policy_log_ratio_abs"] == 0 and logs["train/policy_kept"] == 1
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator.parameters())
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def test_generator_loss_is_ppo_sum_plus_weighted_auxiliaries(tiny_digits_teacher):
+    module = make_rtdmd(tiny_digits_teacher)
+    cond, uncond = module.backbone.encode_prompts(PROMPTS), module.backbone.empty_conditioning(len(PROMPTS))
+    rollout = module.rollout(PROMPTS, cond)
+    advantages = torch.linspace(-1, 1, len(PROMPTS))
+    module.rng.manual_seed(3)
+    loss, logs = module.rl_generator_loss(rollout, advantages, cond, uncond)
+    expected = (logs["train/loss_ppo"] + 1e-3 * logs["train/loss_dm"] + logs["train/loss_backprop"]) / 3
+    torch.testing.assert_close(loss.detach(), expected.float(), rtol=1e-6, atol=0)
+    # ReLU(3 − R) is active (R = sum of two stroke contrasts ≤ 2): L_BP = 1e-4·(3 − mean R).
+    torch.testing.assert_close(logs["train/loss_backprop"], 1e-4 * (3 - logs["train/reward_sum"]))
+    # Without the auxiliaries and the averaging the loss is Σ_{j∈S} PPO_j.
+    plain = make_rtdmd(tiny_digits_teacher, acdmd_weight=0.0, backprop_weight=0.0, average_over_steps=False)
+    loss, logs = plain.rl_generator_loss(rollout, advantages, cond, uncond)
+    assert "train/loss_dm" not in logs and "train/loss_backprop" not in logs
+    torch.testing.assert_close(loss.detach(), logs["train/loss_ppo"])
+
+
+# ---- check 6: advantages ------------------------------------------------------------------------------
+def test_advantages_are_normalised_masked_and_clipped_check_6():
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randn(64, generator=gen), "b": torch.rand(64, generator=gen)}
+    scores["a"][:4], scores["b"][:4] = 0.3, 0.7  # group 0 is constant in every reward
+    raw, advantages, keep = masked_rtdmd_advantages(scores, K, None, clip=5.0)
+    assert abs(raw.mean().item()) < 1e-6 and raw.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    # The caveat: after the global renormalisation the constant group is ~1e-8, not 0; masked, it is exactly 0.
+    assert raw[:4].abs().max() < 1e-6 and not keep[:4].any() and keep[4:].all()
+    assert torch.equal(advantages[:4], torch.zeros(4)) and torch.equal(advantages[4:], raw[4:].clamp(-5, 5))
+    # An outlier is clipped to ±5 (its renormalised value is above 5).
+    outlier = {"a": torch.randn(64, generator=gen)}
+    outlier["a"][5] = 1000.0
+    raw, advantages, keep = masked_rtdmd_advantages(outlier, K, clip=5.0)
+    assert raw[5] > 5 and advantages[5] == 5.0 and advantages.abs().max() <= 5.0
+    assert abs(raw.mean().item()) < 1e-6 and raw.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_module_advantages_use_the_gathered_batch_and_this_ranks_slice(tiny_digits_teacher):
+    module = make_rtdmd(tiny_digits_teacher)
+    gen = torch.Generator().manual_seed(1)
+    mine = {"stroke": torch.rand(8, generator=gen), "stroke_half": torch.rand(8, generator=gen)}
+    theirs = {"stroke": torch.rand(8, generator=gen), "stroke_half": torch.rand(8, generator=gen)}
+    gathered = {name: torch.cat([theirs[name], mine[name]]) for name in mine}  # rank 0 first; this is rank 1
+
+    def all_gather(values):
+        name = next(n for n in mine if torch.equal(mine[n], values))
+        return torch.stack([theirs[name], mine[name]])
+
+    module._trainer = SimpleNamespace(global_rank=1, world_size=2)
+    module.all_gather = all_gather
+    try:
+        advantages, logs = module.rollout_advantages(mine)
+    finally:
+        module._trainer = None
+    _, expected, _ = masked_rtdmd_advantages(gathered, K, {"stroke": 1.0, "stroke_half": 1.0})
+    assert torch.equal(advantages, expected[8:])
+    assert abs(logs["train/advantage_mean"].item()) < 1e-6
+    assert logs["train/advantage_std"].item() == pytest.approx(1.0, abs=1e-3)
+
+
+# ---- the RL iteration and fit -------------------------------------------------------------------------
+def record_steps(module: RTDMD) -> list[str]:
+    roles = []
+    step_role = module.step_role
+    module.step_role = lambda role, loss: roles.append(role) or step_role(role, loss)
+    return roles
+
+
+def test_short_fit_one_step_per_role_per_iteration(tiny_digits_teacher, stage1_checkpoint):
+    module = make_rtdmd(tiny_digits_teacher, stage1_checkpoint, gold=[BrightnessGold(name="bright")],
+                        max_generator_updates=2)
+    roles = record_steps(module)
+    generator = [p.detach().clone() for p in module.generator.parameters()]
+    fake = [p.detach().clone() for p in module.fake_score.parameters()]
+    teacher = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    fit = trainer(max_epochs=-1, callbacks=[GeneratorEMA(decay=0.987)])
+    fit.fit(module, DigitsDataModule(batch_size=8, group_size=K))
+    assert roles == ["fake_score", "generator"] * 2  # one fake-score step, then one generator step
+    assert module.rl_iterations == module.iterations == 2 and fit.global_step == 4
+    assert module.role_updates == {"generator": 2, "fake_score": 2}
+    assert any(not torch.equal(a, b) for a, b in zip(generator, module.generator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(fake, module.fake_score.parameters()))
+    assert all(torch.equal(teacher[k], v) for k, v in module.teacher.state_dict().items())
+    metrics = fit.callback_metrics
+    for key in ("reward/stroke", "reward/stroke_half", "reward/gold/bright", "train/loss_ppo", "train/loss_dm",
+                "train/loss_backprop", "train/loss_adsm", "train/loss_consistency", "train/loss_generator",
+                "train/advantage_abs", "train/policy_log_ratio_abs"):
+        assert torch.isfinite(metrics[key]), key
+    assert metrics["train/policy_log_ratio_abs"] == 0  # one generator step per iteration: ρ = 1
+    assert abs(metrics["train/advantage_mean"]) < 1e-5 and metrics["train/advantage_std"] == pytest.approx(1, abs=1e-2)
+    assert set(module.reward_models()) == {"stroke", "stroke_half", "gold/bright"}
+
+
+def record_rollouts(module: RTDMD) -> list:
+    seen = []
+    rollout = module.rollout
+    module.rollout = lambda prompts, cond, iteration=None: seen.append(rollout(prompts, cond, iteration)) or seen[-1]
+    return seen
+
+
+@pytest.mark.parametrize("batches_per_epoch", [1, 2])  # resume at an epoch boundary, and mid-epoch
+def test_resumed_run_reproduces_the_next_iteration(tiny_digits_teacher, tmp_path, batches_per_epoch):
+    data = lambda: DigitsDataModule(batch_size=8, group_size=K)  # noqa: E731
+    full = make_rtdmd(tiny_digits_teacher, max_generator_updates=2)
+    uninterrupted = record_rollouts(full)
+    trainer(max_epochs=-1, limit_train_batches=batches_per_epoch).fit(full, data())
+
+    first = make_rtdmd(tiny_digits_teacher, max_generator_updates=1)
+    fit = trainer(max_epochs=-1, limit_train_batches=batches_per_epoch)
+    fit.fit(first, data())
+    assert first.rl_iterations == 1
+    fit.save_checkpoint(tmp_path / "after_1.ckpt")
+
+    resumed = make_rtdmd(tiny_digits_teacher, max_generator_updates=2)
+    again = record_rollouts(resumed)
+    trainer(max_epochs=-1, limit_train_batches=batches_per_epoch).fit(
+        resumed, data(), ckpt_path=tmp_path / "after_1.ckpt", weights_only=False  # hparams hold the backbone
+    )
+    assert resumed.rl_iterations == 2 and len(again) == 1 and len(uninterrupted) == 2
+    expected, got = uninterrupted[1], again[0]
+    assert got.iteration == expected.iteration == 1
+    assert got.selected_steps == expected.selected_steps == subgrpo_steps(0, 1, [0, 1, 2], 2)
+    # The shared noise is a function of (prompt, iteration) alone.
+    for rollout in (got, expected):
+        assert all(torch.equal(z, shared_step_noise(rollout.prompts, j, 1, (1, 8, 8))) for j, z in rollout.step_noise.items())
+    if batches_per_epoch == 2:
+        # Mid-epoch, Lightning does not fast-forward the (non-stateful) loader, so the resumed iteration
+        # may see other prompts than the uninterrupted one; its steps and per-prompt noise still match.
+        return
+    assert got.prompts == expected.prompts
+    assert got.step_noise.keys() == expected.step_noise.keys()
+    assert all(torch.equal(got.step_noise[j], expected.step_noise[j]) for j in got.step_noise)
+    # Weights, optimizer states and the stream were restored too: the whole rollout repeats bit for bit.
+    assert all(torch.equal(a, b) for a, b in zip(got.trajectory.latents, expected.trajectory.latents))
+    assert all(torch.equal(a, b) for a, b in zip(full.generator.parameters(), resumed.generator.parameters()))
+
+
+def test_stage2_checkpoint_loads_without_the_stage1_file(tiny_digits_teacher, stage1_checkpoint, tmp_path):
+    copy = tmp_path / "stage1.ckpt"
+    copy.write_bytes(stage1_checkpoint.read_bytes())
+    module = make_rtdmd(tiny_digits_teacher, copy, max_generator_updates=1)
+    fit = trainer(max_epochs=-1, callbacks=[GeneratorEMA(decay=0.987)])
+    fit.fit(module, DigitsDataModule(batch_size=8, group_size=K))
+    fit.save_checkpoint(tmp_path / "stage2.ckpt")
+    copy.unlink()
+    restored = RTDMD.load_from_checkpoint(tmp_path / "stage2.ckpt", weights_only=False)
+    assert restored.rl_iterations == 1 and restored.stage1_source == "generator_ema"
+    for name in ("generator", "generator_ema", "fake_score"):
+        assert equal_states(getattr(restored, name), getattr(module, name).state_dict()), name
+    checkpoint = torch.load(tmp_path / "stage2.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith(("teacher.", "backbone.", "rewards.", "gold_rewards.")) for k in checkpoint["state_dict"])
