@@ -28,6 +28,12 @@ TRAINABLE_ROLES = ("generator", "fake_score")
 FROZEN_PREFIXES = ("teacher.", "backbone.", "rewards.", "gold_rewards.")
 
 
+def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    """The config check of a named option: a ValueError naming the value and what is accepted."""
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+
 @dataclass
 class StudentConfig:
     """How the few-step generator samples."""
@@ -45,8 +51,7 @@ class StudentConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.levels is not None and len(self.levels) != self.num_steps:
             raise ValueError(f"levels {self.levels} must have num_steps={self.num_steps} entries")
-        if self.step_rule not in STEP_RULES:
-            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        check_choice("step_rule", self.step_rule, STEP_RULES)
 
 
 @dataclass
@@ -63,8 +68,7 @@ class TeacherSamplingConfig:
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.step_rule not in STEP_RULES:
-            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        check_choice("step_rule", self.step_rule, STEP_RULES)
 
 
 class DistillationModule(L.LightningModule):

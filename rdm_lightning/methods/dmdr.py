@@ -33,7 +33,7 @@ from rdm_lightning.core.schedules_training import (
     hinge_reward_loss,
     sample_beta,
 )
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.lora import lora_scale, shared_lora_copy
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -85,8 +85,7 @@ class DMDRConfig:
             )
         if self.guidance_jitter < 0:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
-        if self.critic not in CRITICS:
-            raise ValueError(f"critic must be one of {CRITICS}, got {self.critic!r}")
+        check_choice("critic", self.critic, CRITICS)
         if self.critic_lora_rank < 1:
             raise ValueError(f"critic_lora_rank must be >= 1, got {self.critic_lora_rank}")
         if not (self.critic_lora_alpha > 0 and self.fake_lora_scale > 0):

@@ -48,7 +48,7 @@ from rdm_lightning.core.advantages import (
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
 from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin
@@ -63,11 +63,6 @@ B2_SCALES = ("matched", "raw")
 # gdmd.md §2.2: below this group size the softmax weights of a group are too coarse to guard
 # against diversity collapse, so the module warns.
 RECOMMENDED_GROUP_SIZE = 8
-
-
-def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
 
 
 @dataclass
@@ -124,7 +119,7 @@ class GDMDConfig:
             ("weighting", WEIGHTINGS),
             ("b2_scale", B2_SCALES),
         ):
-            _check_choice(name, getattr(self, name), accepted)
+            check_choice(name, getattr(self, name), accepted)
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0, got {self.eta}")
         if self.temperature <= 0:

@@ -50,7 +50,7 @@ from rdm_lightning.core.group_dmd import (
 from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin, flow_velocity, require_flow
@@ -114,8 +114,7 @@ class GNDMConfig:
             ("reward_combination", self.reward_combination, REWARD_COMBINATIONS),
             ("mode", self.mode, MODES),
         ):
-            if value not in accepted:
-                raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+            check_choice(name, value, accepted)
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.rdm_draws < 1:
@@ -155,8 +154,7 @@ class ImportanceSamplingConfig:
         for name, value, accepted in (
             ("rule", self.rule, IS_RULES), ("log_prob", self.log_prob, IS_LOG_PROBS), ("target", self.target, IS_TARGETS),
         ):
-            if value not in accepted:
-                raise ValueError(f"importance_sampling.{name} must be one of {accepted}, got {value!r}")
+            check_choice(f"importance_sampling.{name}", value, accepted)
         if self.reuses < 1:
             raise ValueError(f"importance_sampling.reuses must be >= 1, got {self.reuses}")
         if not 0 < self.eta <= 1 or self.noise_level <= 0:

@@ -18,6 +18,7 @@ from rdm_lightning.core.advantages import group_advantages
 from rdm_lightning.core.policy import trajectory_policy_loss
 from rdm_lightning.core.schedules import FlowSchedule
 from rdm_lightning.core.stochastic import LOG_PROBS, Trajectory, VelocityFn, stochastic_sample
+from rdm_lightning.methods.base import check_choice
 
 ADVANTAGE_STDS = ("global", "group")
 
@@ -60,12 +61,10 @@ class GRPOConfig:
     def __post_init__(self):
         if not 0 < self.eta <= 1:
             raise ValueError(f"grpo.eta must be in (0, 1], got {self.eta}")
-        if self.log_prob not in LOG_PROBS:
-            raise ValueError(f"grpo.log_prob must be one of {LOG_PROBS}, got {self.log_prob!r}")
+        check_choice("grpo.log_prob", self.log_prob, LOG_PROBS)
         if not 0 <= self.clip_range < 1:
             raise ValueError(f"grpo.clip_range must be in [0, 1), got {self.clip_range}")
-        if self.advantage_std not in ADVANTAGE_STDS:
-            raise ValueError(f"grpo.advantage_std must be one of {ADVANTAGE_STDS}, got {self.advantage_std!r}")
+        check_choice("grpo.advantage_std", self.advantage_std, ADVANTAGE_STDS)
         if self.advantage_clip <= 0:
             raise ValueError(f"grpo.advantage_clip must be > 0, got {self.advantage_clip}")
 
