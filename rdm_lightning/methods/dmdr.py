@@ -258,11 +258,14 @@ class DMDR(DMD):
     def in_cold_start(self) -> bool:
         return self.generator_updates < self.dmdr.cold_start_updates
 
-    def gold_reward_logs(self, x0: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        """Mean gold reward of the samples ``x0`` (scored, never optimized), by ``reward/gold/<name>``."""
+    def gold_reward_logs(self, x0: Tensor, prompts: list[str], images: Tensor | None = None) -> dict[str, Tensor]:
+        """Mean gold reward of the samples ``x0`` (scored, never optimized), by ``reward/gold/<name>``.
+
+        ``images`` is ``decode(x0)`` when the caller already has it, so the decoder (a VAE on SD) runs once.
+        """
         if not self.gold_rewards:
             return {}
-        images = self.backbone.decode(x0.detach())
+        images = self.backbone.decode(x0.detach()) if images is None else images.detach()
         return {f"reward/gold/{reward.name}": reward.score(images, prompts).mean() for reward in self.gold_rewards}
 
     def reward_gradient(self, reward: RewardModel, y: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -287,11 +290,12 @@ class DMDR(DMD):
         if self.dmdr.lora_critic:
             logs["train/real_lora_scale"] = self.real_lora_scale()
         prompts = batch["prompts"]
+        images = None
         if not self.in_cold_start():
             images = self.backbone.decode(x0)
             scores = self.rewards.score_all(images, prompts, with_grad=True)
             for term in self.reward_terms():
                 loss = loss + self.reward_loss(scores[term.name], term)
                 logs[f"reward/{term.name}"] = scores[term.name].detach().mean()
-        logs.update(self.gold_reward_logs(x0, prompts))
+        logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs

@@ -323,6 +323,7 @@ class GDMD(GRPOMixin, DMDR):
         loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
         direction = self.gdmd.eta * gradient
         logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
+        sample_images = None
         if self.in_cold_start():
             # No reward model runs during the cold start (gdmd.md §2.5).
             weights = torch.ones(len(x0), device=x0.device)
@@ -356,5 +357,5 @@ class GDMD(GRPOMixin, DMDR):
             "train/gdmd_weight_min": weights.min(),
             "train/gdmd_weight_max": weights.max(),
         })
-        logs.update(self.gold_reward_logs(x0, prompts))
+        logs.update(self.gold_reward_logs(x0, prompts, sample_images))
         return loss, logs

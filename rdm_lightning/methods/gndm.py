@@ -332,6 +332,7 @@ class GNDM(GRPOMixin, DMDR):
         matched: dict[str, Tensor] = {}
         lambdas: dict[str, float] = {}
         hinge_terms: list[RewardTerm] = []
+        images = None
         if not self.in_cold_start():
             images = self.backbone.decode(x0.detach())
             for term in self.reward_terms():
@@ -364,12 +365,12 @@ class GNDM(GRPOMixin, DMDR):
             logs.update({"train/weight_mean": weights.mean(), "train/weight_min": weights.min(),
                          "train/weight_max": weights.max()})
         if hinge_terms:
-            images = self.backbone.decode(x0)
+            differentiable_images = self.backbone.decode(x0)
             for term in hinge_terms:
-                scores = term.reward.score(images, prompts, with_grad=True)
+                scores = term.reward.score(differentiable_images, prompts, with_grad=True)
                 loss = loss + hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
                 logs[f"reward/{term.name}"] = scores.detach().mean()
-        logs.update(self.gold_reward_logs(x0, prompts))
+        logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs
 
     def grpo_generator_loss(
@@ -383,8 +384,10 @@ class GNDM(GRPOMixin, DMDR):
         group_size = self.gndm.group_size
         gradient, rdm = self.dm_direction(x0.detach(), cond, uncond)
         scores, omegas = {DM_REWARD: rdm}, {DM_REWARD: 1.0}
+        images = None
         if not self.in_cold_start() and self.rewards is not None:
-            scores.update(self.rewards.score_all(self.backbone.decode(x0.detach()), prompts))
+            images = self.backbone.decode(x0.detach())
+            scores.update(self.rewards.score_all(images, prompts))
             omegas.update({term.name: term.weight for term in self.reward_terms()})
         advantages = combine_weighted({name: self.policy_advantages(r, group_size) for name, r in scores.items()}, omegas)
         loss, logs = self.policy_loss(trajectory, cond, advantages)
@@ -394,7 +397,7 @@ class GNDM(GRPOMixin, DMDR):
             loss_path = weighted_dmd_loss(x0, gradient)
             loss = loss + self.gndm.lambda_path * loss_path
             logs["train/loss_dm"] = loss_path.detach()
-        logs.update(self.gold_reward_logs(x0, prompts))
+        logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs
 
     # ---- importance sampling (§2.5) ---------------------------------------------------------

@@ -432,9 +432,10 @@ class RTDMD(ACDMD):
         rollout = self.rollout(prompts, cond)
         x0 = rollout.final_x0.detach()
         with torch.no_grad():
-            scores = self.rewards.score_all(self.backbone.decode(x0), prompts)
+            images = self.backbone.decode(x0)
+            scores = self.rewards.score_all(images, prompts)
         logs = {f"reward/{name}": values.mean() for name, values in scores.items()}
-        logs.update(self.gold_reward_logs(x0, prompts))
+        logs.update(self.gold_reward_logs(x0, prompts, images))
         with self.trainable_role("fake_score"):
             sigma_s = torch.zeros(len(prompts), dtype=torch.float64, device=x0.device)
             loss_fake, fake_logs = self.fake_score_loss(x0, cond, {**batch, SIGMA_S_KEY: sigma_s})
