@@ -7,6 +7,7 @@ from rdm_lightning.rewards.base import (
     build_reward,
     differentiable_aliases,
 )
+from rdm_lightning.rewards.clip import CLIPScoreReward, SRPOReward, clip_preprocess
 from rdm_lightning.rewards.digits import (
     DigitsClassifierReward,
     DigitsGoldReward,
@@ -17,14 +18,17 @@ from rdm_lightning.rewards.digits import (
 
 __all__ = [
     "REWARD_ALIASES",
+    "CLIPScoreReward",
     "DigitsClassifierReward",
     "DigitsGoldReward",
     "DigitsMLP",
     "RewardModel",
     "RewardTerm",
+    "SRPOReward",
     "StrokeContrastReward",
     "WeightedRewards",
     "build_reward",
+    "clip_preprocess",
     "differentiable_aliases",
     "load_gold_classifier",
 ]

@@ -31,6 +31,8 @@ REWARD_ALIASES: dict[str, str] = {
     "digits_logprob": "rdm_lightning.rewards.digits.DigitsClassifierReward",
     "stroke_contrast": "rdm_lightning.rewards.digits.StrokeContrastReward",
     "digits_gold": "rdm_lightning.rewards.digits.DigitsGoldReward",
+    "clip_score": "rdm_lightning.rewards.clip.CLIPScoreReward",
+    "srpo": "rdm_lightning.rewards.clip.SRPOReward",
 }
 
 

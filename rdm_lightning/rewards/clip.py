@@ -1,0 +1,266 @@
+"""CLIP-family rewards: the CLIP score, and DMDR's SRPO-style reward over a scorer's embeddings.
+
+- :class:`CLIPScoreReward`: cosine of a transformers ``CLIPModel``'s projected image and
+  prompt embeddings (optionally times ``logit_scale.exp()``, PickScore's form), loaded
+  offline from a local folder; differentiable.
+- :class:`SRPOReward`: ``f_img · (k·f_txt(pos ⊕ prompt) − f_txt(neg ⊕ prompt))`` with control
+  words drawn per image, over any scorer exposing ``embed_images`` and ``embed_texts``;
+  differentiable.
+
+Preprocessing is tensor-only (:func:`clip_preprocess`), so gradients reach the pixels and
+neither PIL nor torchvision is needed. transformers is imported when a model is loaded,
+not when this module is.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rdm_lightning.rewards.base import RewardModel, build_reward
+
+# OpenAI CLIP normalisation (rewards.md §1).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# DMDR's control words (dmdr.md §4), adapted there from SRPO.
+SRPO_POSITIVE_WORDS = ("Natural-lighting", "Detailed", "Realistic")
+SRPO_NEGATIVE_WORDS = ("Painting", "CG Render", "Oil")
+
+CLIP_FOLDER_CONTENTS = (
+    "a folder written by CLIPModel.save_pretrained (config.json and the weights) plus the "
+    "tokenizer's save_pretrained (tokenizer.json, or vocab.json and merges.txt)"
+)
+
+
+def resize_shortest_side(images: Tensor, size: int) -> Tensor:
+    """``images`` ``(B, C, H, W)`` resized bilinearly so that the shorter side is ``size``.
+
+    The longer side is ``int(size · long / short)``, torchvision's rounding; an image whose
+    shorter side already is ``size`` is returned as is. Antialiasing is off (a plain
+    ``F.interpolate``), whereas torchvision's tensor ``Resize`` (RTDMD) antialiases by default
+    since 0.17 and DMDR's code resizes bicubically with antialiasing, so downscaled images
+    score slightly differently from those references.
+    """
+    height, width = images.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    resized_long = int(size * long / short)
+    target = (size, resized_long) if height <= width else (resized_long, size)
+    if target == (height, width):
+        return images
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=False)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central ``size × size`` window of ``images`` ``(B, C, H, W)``, ``H, W >= size``.
+
+    Offsets are rounded as torchvision's ``center_crop`` rounds them.
+    """
+    height, width = images.shape[-2:]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return images[..., top : top + size, left : left + size]
+
+
+def clip_preprocess(images: Tensor, size: int) -> Tensor:
+    """CLIP input ``(B, 3, size, size)`` from images ``(B, 1 or 3, H, W)`` in ``[0, 1]``.
+
+    Resize the shorter side to ``size``, centre-crop to ``size × size``, repeat a grey channel
+    to RGB and apply the OpenAI CLIP normalisation. Every step is a tensor op, so the result
+    is differentiable with respect to ``images``.
+
+    Raises:
+        ValueError: ``images`` is not 4-d with 1 or 3 channels.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"CLIP rewards take RGB (B, 3, H, W) or grey (B, 1, H, W) images, got {tuple(images.shape)}"
+        )
+    images = center_crop(resize_shortest_side(images.expand(-1, 3, -1, -1), size), size)
+    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _require_clip_folder(folder: Path) -> None:
+    """Raise a FileNotFoundError unless ``folder`` holds a model config and a tokenizer.
+
+    Checked up front because transformers does not fail on either: without config.json
+    ``CLIPModel.from_pretrained`` builds a default ViT-B/32 config, and without tokenizer
+    files the tokenizer silently has a 2-token vocabulary.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CLIP model folder not found at {str(folder)!r}; expected {CLIP_FOLDER_CONTENTS}")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    has_tokenizer = (folder / "tokenizer.json").is_file() or all(
+        (folder / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
+    if not has_tokenizer:
+        missing.append("tokenizer.json (or vocab.json and merges.txt)")
+    if missing:
+        raise FileNotFoundError(
+            f"CLIP model folder {str(folder)!r} lacks {' and '.join(missing)}; expected {CLIP_FOLDER_CONTENTS}"
+        )
+
+
+class CLIPScoreReward(RewardModel):
+    """CLIP score: cosine of the projected, L2-normalised image and prompt embeddings; differentiable.
+
+    This is the diagonal of ``logits_per_image / logit_scale.exp()`` (rewards.md §2; RTDMD
+    uses ``openai/clip-vit-large-patch14``, DMDR DFN5B-CLIP-ViT-H-14), in ``[-1, 1]``,
+    typically 0.28–0.32 for matching pairs. With ``logit_scale=True`` it is multiplied by
+    the model's ``logit_scale.exp()`` (PickScore's form; 100 for OpenAI CLIP).
+
+    Images go through :func:`clip_preprocess` at the model's ``vision_config.image_size``;
+    prompts are padded and truncated to the tokenizer's maximum length (77 for CLIP).
+    Weights are loaded in float32, offline.
+
+    Args:
+        model_path: Local folder written by ``CLIPModel.save_pretrained`` that also holds the
+            tokenizer (``tokenizer.json``, or ``vocab.json`` and ``merges.txt``), e.g. a
+            downloaded snapshot of ``openai/clip-vit-large-patch14``.
+        logit_scale: Multiply the cosine by ``logit_scale.exp()``.
+        name: Name in logs; ``None`` uses the class name.
+        train_scale: Factor of the score in training objectives (RTDMD trains PickScore at ``1 / 26``).
+        report_scale: Factor of the score in reported tables (some papers report CLIP × 100).
+
+    Raises:
+        FileNotFoundError: ``model_path`` is not a folder with a model config and a tokenizer.
+    """
+
+    differentiable = True
+
+    def __init__(
+        self,
+        model_path: str,
+        logit_scale: bool = False,
+        name: str | None = None,
+        train_scale: float = 1.0,
+        report_scale: float = 1.0,
+    ) -> None:
+        super().__init__(name=name, train_scale=train_scale, report_scale=report_scale)
+        folder = Path(model_path).expanduser()
+        _require_clip_folder(folder)
+        # Imported here so that importing the rewards package does not load transformers' CLIP.
+        from transformers import AutoTokenizer, CLIPModel
+
+        # float32 explicitly: transformers 5 otherwise keeps the checkpoint's dtype (often float16).
+        self.model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.image_size = self.model.config.vision_config.image_size
+        # Folders without a tokenizer config report a huge model_max_length; the position table bounds it.
+        self.max_tokens = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        self.logit_scale = logit_scale
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """L2-normalised projected embeddings ``(B, D)`` of images ``(B, 1 or 3, H, W)`` in ``[0, 1]``
+        on the reward's device and dtype."""
+        # The vision tower and projection are called directly: get_image_features returns
+        # an output object rather than a tensor under transformers 5.
+        pooled = self.model.vision_model(pixel_values=clip_preprocess(images, self.image_size)).pooler_output
+        return F.normalize(self.model.visual_projection(pooled), dim=-1)
+
+    def embed_texts(self, texts: Sequence[str]) -> Tensor:
+        """L2-normalised projected embeddings ``(N, D)`` of ``texts``, on the reward's device."""
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(self.model.device)
+        pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+        return F.normalize(self.model.text_projection(pooled), dim=-1)
+
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        cosine = (self.embed_images(images) * self.embed_texts(prompts)).sum(dim=-1)
+        return cosine * self.model.logit_scale.exp() if self.logit_scale else cosine
+
+
+class SRPOReward(RewardModel):
+    """DMDR's SRPO-style reward ``f_img · (k·f_txt(pos ⊕ prompt) − f_txt(neg ⊕ prompt))``; differentiable.
+
+    ``f`` are the scorer's L2-normalised image and text embeddings, ``k`` is ``positive_scale``
+    (DMDR: 1.1, i.e. its ``srpo_k = 0.1`` plus one), and ``pos`` / ``neg`` are control words
+    drawn uniformly from ``positive_words`` / ``negative_words`` (dmdr.md §4). ``word ⊕ prompt``
+    is ``f"{word}. {prompt}"``, the joiner of DMDR's released code (the spec leaves it open).
+
+    Each image gets its own ``(pos, neg)`` pair, and each :meth:`score` call draws fresh pairs
+    from a private ``random.Random(seed)``: rewards built with the same seed draw the same
+    words call after call, the global ``random`` state is untouched, and as pairs are drawn
+    image by image in order, the words do not depend on ``batch_size``. DMDR's code draws one
+    pair per training step for the whole batch; per-image draws have the same expectation.
+
+    DMDR's code takes the embeddings from HPSv2.1; any reward with ``embed_images`` and
+    ``embed_texts`` (e.g. :class:`CLIPScoreReward`) can be the scorer. It becomes a submodule,
+    so it is frozen with this reward and moves with ``.to()``.
+
+    Args:
+        scorer: The embedding model: a reward with ``embed_images(images) -> (B, D)`` and
+            ``embed_texts(texts) -> (N, D)``, or a spec that :func:`build_reward` builds into one
+            (``{"class_path": "clip_score", "init_args": {"model_path": ...}}``).
+        positive_words: Words of the image style the reward pulls towards.
+        negative_words: Words of the style it pushes away from.
+        positive_scale: ``k``, the weight of the positive text embedding.
+        seed: Seed of the word draws.
+        name: Name in logs; ``None`` uses the class name.
+        train_scale: Factor of the score in training objectives.
+        report_scale: Factor of the score in reported tables.
+
+    Raises:
+        TypeError: the scorer lacks ``embed_images`` or ``embed_texts``.
+        ValueError: a word list is empty or holds a non-string or empty word, or
+            ``positive_scale`` is not finite.
+    """
+
+    differentiable = True
+
+    def __init__(
+        self,
+        scorer: RewardModel | dict[str, Any] | str,
+        positive_words: Sequence[str] = SRPO_POSITIVE_WORDS,
+        negative_words: Sequence[str] = SRPO_NEGATIVE_WORDS,
+        positive_scale: float = 1.1,
+        seed: int = 0,
+        name: str | None = None,
+        train_scale: float = 1.0,
+        report_scale: float = 1.0,
+    ) -> None:
+        super().__init__(name=name, train_scale=train_scale, report_scale=report_scale)
+        self.positive_words = _check_words("positive_words", positive_words)
+        self.negative_words = _check_words("negative_words", negative_words)
+        if not math.isfinite(positive_scale):
+            raise ValueError(f"positive_scale must be a finite number, got {positive_scale!r}")
+        self.positive_scale = float(positive_scale)
+        scorer = build_reward(scorer)
+        lacking = [method for method in ("embed_images", "embed_texts") if not callable(getattr(scorer, method, None))]
+        if lacking:
+            raise TypeError(
+                f"SRPOReward needs a scorer with embed_images and embed_texts (e.g. CLIPScoreReward), "
+                f"got {type(scorer).__name__}, which lacks {' and '.join(lacking)}"
+            )
+        self.scorer = scorer
+        self.rng = random.Random(seed)
+
+    def draw_control_words(self, count: int) -> list[tuple[str, str]]:
+        """``count`` fresh ``(positive, negative)`` word pairs, one per image."""
+        return [(self.rng.choice(self.positive_words), self.rng.choice(self.negative_words)) for _ in range(count)]
+
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        pairs = self.draw_control_words(len(prompts))
+        positive_texts = [f"{positive}. {prompt}" for (positive, _), prompt in zip(pairs, prompts)]
+        negative_texts = [f"{negative}. {prompt}" for (_, negative), prompt in zip(pairs, prompts)]
+        # One text forward for both sets: padding to the longer text changes nothing, as CLIP
+        # pools at the end-of-text token under a causal mask.
+        positive, negative = self.scorer.embed_texts(positive_texts + negative_texts).chunk(2)
+        return (self.scorer.embed_images(images) * (self.positive_scale * positive - negative)).sum(dim=-1)
+
+
+def _check_words(label: str, words: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(words, str) or not words or not all(isinstance(word, str) and word for word in words):
+        raise ValueError(f"{label} must be a non-empty list of non-empty strings, got {words!r}")
+    return tuple(words)
