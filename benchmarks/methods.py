@@ -1,15 +1,19 @@
 """Digits benchmark of every method: quality, optimized rewards and the gold reward, mean ± std over seeds.
 
-    python benchmarks/methods.py [--methods dmd dmdr gndm gndmr gdmd] [--seeds 0 1 2] [--updates 400]
+    python benchmarks/methods.py [--methods dmd dmdr gndm gndmr gdmd rtdmd_stage1 rtdmd_stage2] [--seeds 0 1 2]
+                                 [--updates 400] [--set KEY=VALUE ... --tag NAME]
 
 Each run is `rdm fit --config configs/digits/<method>.yaml` with the seed and the
 same number of generator updates; a method is any config in configs/digits/ but the
-teacher's. Each run's scores are kept in <output>/runs/<method>_seed<seed>.json and
-reused by later calls with the same updates and samples (--rerun trains again), so the
-table can be built up over several calls. Every student (and the teacher's default
-sampler) is then scored on the same 1,000 class-balanced samples from fixed noise
-with the same rewards — digit log-probability, stroke contrast and the gold
-classifier — so methods that do not optimize a reward are measured on it too.
+teacher's. A second stage (RTDMD stage 2) starts from its first stage's checkpoint of
+the same seed, for its config's number of RL iterations. Each run's scores are kept in
+<output>/runs/<method>_seed<seed>.json and reused by later calls with the same updates,
+samples and overrides (--rerun trains again), so the table can be built up over
+several calls; --set/--tag run an ablation, kept as <method>_<tag>_seed<seed>. Every
+student (and the teacher's default sampler) is then scored on the same 1,000
+class-balanced samples from fixed noise with the same rewards — digit
+log-probability, stroke contrast and the gold classifier — so methods that do not
+optimize a reward are measured on it too.
 Prints a markdown table and the issue's targets; writes table.md and results.json.
 """
 from __future__ import annotations
@@ -28,22 +32,41 @@ from rdm_lightning.cli import RDMLightningCLI
 from rdm_lightning.evaluation.digits import DigitsEvaluator
 from rdm_lightning.rewards import DigitsClassifierReward, DigitsGoldReward, StrokeContrastReward
 
-METHODS = ("dmd", "dmdr", "gndm", "gndmr", "gdmd")
+METHODS = ("dmd", "dmdr", "gndm", "gndmr", "gdmd", "rtdmd_stage1", "rtdmd_stage2")
 CONFIGS = Path("configs/digits")
 EVAL_SEED = 1234
+SECOND_STAGES = {"rtdmd_stage2": "rtdmd_stage1"}
+"""Methods that start from another method's checkpoint of the same seed, and that method. Their
+budget is their config's (RTDMD stage 2: RL iterations), not --updates."""
 
 
-def fit(method: str, seed: int, updates: int, output: Path):
+def fit(method: str, seed: int, updates: int | None, output: Path, run_name: str, overrides: list[str]):
+    """Train ``method``'s digits config with ``seed``; ``updates=None`` keeps the config's budget."""
+    budget = [] if updates is None else [f"--model.init_args.max_generator_updates={updates}"]
+    stage1 = [f"--model.init_args.stage1_checkpoint={first_stage_checkpoint(SECOND_STAGES[method], seed, output)}"] \
+        if method in SECOND_STAGES else []
     cli = RDMLightningCLI(
         args=[
             "fit", "--config", f"configs/digits/{method}.yaml",
-            f"--seed_everything={seed}", f"--model.init_args.seed={seed}",
-            f"--model.init_args.max_generator_updates={updates}",
-            f"--trainer.logger.init_args.save_dir={output}", f"--trainer.logger.init_args.name={method}_seed{seed}",
+            f"--seed_everything={seed}", f"--model.init_args.seed={seed}", *budget, *stage1,
+            f"--trainer.logger.init_args.save_dir={output}", f"--trainer.logger.init_args.name={run_name}",
             "--trainer.enable_progress_bar=false",
+            *(f"--{override}" for override in overrides),
         ]
     )
     return cli.model
+
+
+def first_stage_checkpoint(method: str, seed: int, output: Path) -> Path:
+    """The newest ``last.ckpt`` of ``method``'s run with ``seed`` under ``output``."""
+    checkpoints = sorted((output / f"{method}_seed{seed}").glob("version_*/checkpoints/last.ckpt"),
+                         key=lambda path: path.stat().st_mtime)
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"no {method} checkpoint for seed {seed} under {output / f'{method}_seed{seed}'}; "
+            f"benchmark {method} first (--methods {method} ... lists it before the method that starts from it)"
+        )
+    return checkpoints[-1]
 
 
 @torch.no_grad()
@@ -88,32 +111,41 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--output", type=Path, default=Path("runs/benchmarks/methods"))
     parser.add_argument("--rerun", action="store_true", help="train again even where a run's scores are kept")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config overrides for an ablation, e.g. model.init_args.gndm.adv_weighting=clipped")
+    parser.add_argument("--tag", help="name of the ablation the overrides make (required with --set); runs are "
+                        "kept as <method>_<tag>_seed<k>")
     args = parser.parse_args()
+    if args.overrides and not args.tag:
+        parser.error("--set needs --tag to name the ablation, so its runs are not mistaken for the config's")
     kept = args.output / "runs"
     kept.mkdir(parents=True, exist_ok=True)
-    setting = {"updates": args.updates, "num_samples": args.num_samples}
+    setting = {"updates": args.updates, "num_samples": args.num_samples, "overrides": args.overrides}
 
     evaluator = DigitsEvaluator.default()
     rewards = {"digit_logprob": DigitsClassifierReward(), "stroke_contrast": StrokeContrastReward(),
                "gold": DigitsGoldReward()}
     results: dict[str, list[dict]] = {}
     for method in args.methods:
+        name = f"{method}_{args.tag}" if args.tag else method
         for seed in args.seeds:
-            path = kept / f"{method}_seed{seed}.json"
+            path = kept / f"{name}_seed{seed}.json"
             run = json.loads(path.read_text()) if path.exists() and not args.rerun else None
-            if run is None or run["setting"] != setting:
+            budget = None if method in SECOND_STAGES else args.updates
+            if run is None or {"overrides": [], **run["setting"]} != {**setting, "updates": budget}:
                 start = time.perf_counter()
-                module = fit(method, seed, args.updates, args.output)
+                module = fit(method, seed, budget, args.output, f"{name}_seed{seed}", args.overrides)
                 minutes = (time.perf_counter() - start) / 60
                 scores = score(module, "generator", args.num_samples, evaluator, rewards)
-                run = {"setting": setting, "scores": {**scores, **rollout_costs(module), "fit_minutes": minutes}}
+                run = {"setting": {**setting, "updates": budget},
+                       "scores": {**scores, **rollout_costs(module), "fit_minutes": minutes}}
                 path.write_text(json.dumps(run, indent=2))
                 teacher_path = kept / "teacher.json"
                 if not teacher_path.exists():
                     teacher = {"setting": {"num_samples": args.num_samples},
                                "scores": score(module, "teacher", args.num_samples, evaluator, rewards)}
                     teacher_path.write_text(json.dumps(teacher, indent=2))
-            results.setdefault(method, []).append(run["scores"])
+            results.setdefault(name, []).append(run["scores"])
     teacher_path = kept / "teacher.json"
     if teacher_path.exists():
         results = {"teacher": [json.loads(teacher_path.read_text())["scores"]], **results}
@@ -133,6 +165,13 @@ def main() -> None:
             checks[f"{method}: digit log-prob above teacher and DMD"] = m["digit_logprob"] > max(t["digit_logprob"], d["digit_logprob"])
             checks[f"{method}: prompt accuracy >= DMD"] = m["prompt_accuracy"] >= d["prompt_accuracy"]
             checks[f"{method}: digits-FD <= 1.5x DMD"] = m["digits_fd"] <= 1.5 * d["digits_fd"]
+    if "rtdmd_stage1" in mean and "dmd" in mean:
+        checks["AC-DMD (RTDMD stage 1) digits-FD <= DMD's"] = mean["rtdmd_stage1"]["digits_fd"] <= mean["dmd"]["digits_fd"]
+    if "rtdmd_stage2" in mean and "rtdmd_stage1" in mean:
+        two, one, t = mean["rtdmd_stage2"], mean["rtdmd_stage1"], mean["teacher"]
+        for reward in ("digit_logprob", "stroke_contrast"):
+            checks[f"rtdmd_stage2: {reward} above stage 1 and teacher"] = two[reward] > max(one[reward], t[reward])
+        checks["rtdmd_stage2: digits-FD <= 1.5x stage 1"] = two["digits_fd"] <= 1.5 * one["digits_fd"]
     cost_keys = ("generator_rollouts_per_update", "rollouts_per_update", "fit_minutes", "digits_fd", "prompt_accuracy")
     costs = ["", "| method | " + " | ".join(cost_keys) + " |", "|---" * (len(cost_keys) + 1) + "|"]
     for name, runs in results.items():

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from rdm_lightning.data.prompts import load_prompts
 from rdm_lightning.evaluation.grid import save_image_grid
+from rdm_lightning.methods.lora import merged_copy
 
 
 def load_module(checkpoint: str | Path):
@@ -93,9 +94,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def export(args: argparse.Namespace) -> Path:
-    """Write the (EMA) generator as a model folder its family loads (diffusers for SD)."""
+    """Write the (EMA) generator, its LoRA merged if it has one, as a model folder its family loads (diffusers for SD)."""
     module = load_module(args.checkpoint)
-    output = module.backbone.export(module.sampling_generator, args.output, len(module.student_levels()), module.student_levels())
+    generator = merged_copy(module.sampling_generator)
+    output = module.backbone.export(generator, args.output, len(module.student_levels()), module.student_levels())
     print(f"exported the student to {output}")
     return output
 

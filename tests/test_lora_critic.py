@@ -20,7 +20,7 @@ from rdm_lightning.backbones import DigitsBackbone
 from rdm_lightning.data import DigitsDataModule
 from rdm_lightning.methods import DMDR, DMDConfig, DMDRConfig, OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.dmdr import CRITIC_ADAPTER
-from rdm_lightning.methods.lora import lora_layers, lora_scale, shared_lora_copy
+from rdm_lightning.methods.lora import add_lora, lora_layers, lora_scale, shared_copy
 from reward_doubles import CountingReward
 
 # Lightning's notes on a tiny CPU run (hyperparameters holding modules, few workers…) are expected here.
@@ -316,7 +316,7 @@ def test_a_backbone_without_lora_targets_is_refused(tiny_digits_teacher, monkeyp
 
 # ---- the diffusers families' targets -------------------------------------------------------------
 def _matched_targets(network: torch.nn.Module, targets) -> set[str]:
-    critic = shared_lora_copy(network, targets, rank=2, alpha=2, adapter=CRITIC_ADAPTER)
+    critic = add_lora(shared_copy(network), targets, rank=2, alpha=2, adapter=CRITIC_ADAPTER)
     names = [n for n, m in critic.named_modules() if m in lora_layers(critic)]
     return {t for t in targets for n in names if n.endswith("." + t)}
 

@@ -52,7 +52,8 @@ def rewards():
 
 
 def make_rtdmd(teacher: Path, stage1: Path | None = None, *, lr: float = 1e-3, seed: int = 0, reward_list=None,
-               gold=None, max_generator_updates=None, num_steps: int = 4, **config) -> RTDMD:
+               gold=None, max_generator_updates=None, num_steps: int = 4, acdmd: ACDMDConfig = ACDMDConfig(),
+               **config) -> RTDMD:
     optimizer = OptimizerConfig(lr=lr)
     return RTDMD(
         DigitsBackbone(path=str(teacher)),
@@ -60,6 +61,7 @@ def make_rtdmd(teacher: Path, stage1: Path | None = None, *, lr: float = 1e-3, s
         gold_rewards=gold,
         stage1_checkpoint=None if stage1 is None else str(stage1),
         rtdmd=RTDMDConfig(group_size=K, **config),
+        acdmd=acdmd,
         dmd=DMDConfig(guidance_scale=1.5),
         generator_optimizer=optimizer,
         fake_score_optimizer=optimizer,
@@ -155,8 +157,9 @@ def test_bad_stage1_checkpoints_are_refused_clearly(tiny_digits_teacher, tmp_pat
     with pytest.raises(ValueError, match="not a Lightning checkpoint"):
         make_rtdmd(tiny_digits_teacher, tmp_path / "plain.pt")
     torch.save({"state_dict": {"generator.conv1.base_layer.weight": torch.zeros(1),
-                               "generator.conv1.lora_A.default.weight": torch.zeros(1)}}, tmp_path / "lora.ckpt")
-    with pytest.raises(NotImplementedError, match="LoRA adapters.*merge"):
+                               "generator.conv1.lora_A.default.weight": torch.zeros(1),
+                               "fake_score.conv1.weight": torch.zeros(1)}}, tmp_path / "lora.ckpt")
+    with pytest.raises(ValueError, match="LoRA weights but its hyperparameters name no acdmd.lora_rank"):
         make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt")
 
 
@@ -400,3 +403,110 @@ def test_stage2_checkpoint_loads_without_the_stage1_file(tiny_digits_teacher, st
         assert equal_states(getattr(restored, name), getattr(module, name).state_dict()), name
     checkpoint = torch.load(tmp_path / "stage2.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith(("teacher.", "backbone.", "rewards.", "gold_rewards.")) for k in checkpoint["state_dict"])
+
+
+# ---- LoRA roles (rtdmd.md §5): stage-1 adapters merged, fresh ones trained -----------------------------
+LORA = ACDMDConfig(lora_rank=4, lora_alpha=8.0)
+
+
+def network_output(network: torch.nn.Module, teacher: Path) -> torch.Tensor:
+    """The network's x̂0-side output on fixed inputs (its raw forward through the digits backbone)."""
+    backbone = DigitsBackbone(path=str(teacher))
+    cond = backbone.encode_prompts(PROMPTS[:2])
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    return flow_velocity(backbone, network, cond)(x, torch.full((2,), 0.6, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def lora_stage1_checkpoint(tiny_digits_teacher, tmp_path_factory) -> Path:
+    """A stage-1 ACDMD checkpoint with role LoRAs (rank 4, α 8) after two iterations."""
+    torch.manual_seed(0)
+    module = ACDMD(
+        DigitsBackbone(path=str(tiny_digits_teacher)), acdmd=LORA,
+        dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=1),
+        generator_optimizer=OptimizerConfig(lr=1e-2), fake_score_optimizer=OptimizerConfig(lr=1e-2),
+        student=StudentConfig(num_steps=4),
+    )
+    fit = trainer(max_steps=4, callbacks=[GeneratorEMA(decay=0.5)])
+    fit.fit(module, DigitsDataModule(batch_size=8))
+    path = tmp_path_factory.mktemp("lora_stage1") / "last.ckpt"
+    fit.save_checkpoint(path)
+    return path
+
+
+def test_acdmd_lora_trains_only_the_adapters(tiny_digits_teacher, lora_stage1_checkpoint):
+    state = stage1_state(lora_stage1_checkpoint, "generator.")
+    fake = stage1_state(lora_stage1_checkpoint, "fake_score.")
+    teacher = DigitsBackbone(path=str(tiny_digits_teacher)).load_denoiser().state_dict()
+    for role_state, adapter in ((state, "generator"), (fake, "fake_score")):
+        lora_keys = [k for k in role_state if "lora_" in k]
+        assert lora_keys and all(f".{adapter}." in k for k in lora_keys)
+        # Base weights bit-identical to the pretrained network; the adapters' B moved off 0.
+        for key, value in role_state.items():
+            if "lora_" not in key:
+                assert torch.equal(value, teacher[key.replace(".base_layer", "")]), key
+        assert any(role_state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)
+    module = ACDMD(DigitsBackbone(path=str(tiny_digits_teacher)), acdmd=LORA)
+    owned = module.role_parameters()
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert all("lora_" in names[id(p)] for params in owned.values() for p in params)
+    assert {names[id(p)].split(".")[0] for p in owned["generator"]} == {"generator"}
+    with pytest.raises(ValueError, match="lora_rank must be an integer >= 0"):
+        ACDMDConfig(lora_rank=-1)
+
+
+def test_merge_lora_computes_what_the_adapter_did(tiny_digits_teacher):
+    from rdm_lightning.methods.lora import add_lora, merge_lora
+
+    backbone = DigitsBackbone(path=str(tiny_digits_teacher))
+    network = add_lora(backbone.load_denoiser(), backbone.lora_target_modules, 4, 8.0, "generator")
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    adapted = network_output(network, tiny_digits_teacher)
+    merged = merge_lora(network)
+    assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
+    assert merged.state_dict().keys() == backbone.load_denoiser().state_dict().keys()
+    torch.testing.assert_close(network_output(merged, tiny_digits_teacher), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage2_lora", [False, True])
+def test_stage2_merges_stage1_adapters_and_starts_from_stage1_networks(
+    tiny_digits_teacher, lora_stage1_checkpoint, stage2_lora
+):
+    from rdm_lightning.methods.lora import add_lora
+
+    backbone = DigitsBackbone(path=str(tiny_digits_teacher))
+    stage1 = {}
+    for role, prefix in (("generator", "generator_ema."), ("fake_score", "fake_score.")):
+        network = add_lora(backbone.load_denoiser(), backbone.lora_target_modules, 4, 8.0, role)
+        network.load_state_dict(stage1_state(lora_stage1_checkpoint, prefix))
+        stage1[role] = network_output(network, tiny_digits_teacher)
+    module = make_rtdmd(tiny_digits_teacher, lora_stage1_checkpoint,
+                        acdmd=ACDMDConfig(lora_rank=2, lora_alpha=4.0) if stage2_lora else ACDMDConfig())
+    assert module.stage1_source == "generator_ema"
+    for role in ("generator", "fake_score"):
+        # Fresh adapters have B = 0: stage 2 starts from exactly stage 1's (merged) networks.
+        torch.testing.assert_close(network_output(getattr(module, role), tiny_digits_teacher), stage1[role],
+                                   atol=1e-5, rtol=1e-5)
+    names = {id(p): n for n, p in module.named_parameters()}
+    owned = module.role_parameters()["generator"]
+    if stage2_lora:
+        assert owned and all("lora_" in names[id(p)] for p in owned)
+        assert all(p.abs().sum() == 0 for n, p in module.generator.named_parameters() if "lora_B" in n)
+    else:
+        assert not any("lora_" in names[id(p)] for p in owned)
+
+
+def test_export_merges_the_generator_lora(tiny_digits_teacher, lora_stage1_checkpoint, tmp_path, monkeypatch):
+    import rdm_lightning.tools as tools
+
+    module = ACDMD.load_from_checkpoint(lora_stage1_checkpoint, weights_only=False)
+    # This checkpoint holds the backbone object (built here, not by `rdm fit`): load it as above.
+    monkeypatch.setattr(tools, "load_module", lambda path: module)
+    args = tools.build_parser().parse_args(["export", "--checkpoint", "unused.ckpt", "--output", str(tmp_path / "out")])
+    exported = DigitsBackbone(path=str(tools.export(args))).load_denoiser()
+    assert not any("lora_" in k for k in exported.state_dict())
+    torch.testing.assert_close(network_output(exported, tiny_digits_teacher),
+                               network_output(module.sampling_generator, tiny_digits_teacher), atol=1e-5, rtol=1e-5)

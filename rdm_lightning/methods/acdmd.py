@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.rtdmd import (
@@ -82,6 +82,7 @@ from rdm_lightning.core.stochastic import cps_step, stochastic_sample
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
+from rdm_lightning.methods.lora import add_lora, lora_parameters
 from rdm_lightning.methods.optim import OptimizerConfig
 
 ROLLOUT_KEY = "acdmd_rollout"
@@ -107,6 +108,12 @@ class ACDMDConfig:
     adsm_weight_cap: float = 10.0
     """Cap c of the ambient-DSM weight ``min(1, c·σ_rs²)`` (the reference's ``clamp(1/σ_rs², max=c)``
     applied to ``σ_rs·v``; ``target_formula_move_scale_out: true``)."""
+    lora_rank: int = 0
+    """Rank of the role LoRAs: the generator and the fake score are each their network plus one LoRA,
+    and only the LoRA weights train (``rtdmd.md`` §5: rank 32, both roles, both stages). 0 trains full
+    copies (the digits default). Needs peft and the backbone's ``lora_target_modules``."""
+    lora_alpha: float = 64.0
+    """``lora_alpha`` of the role LoRAs (``rtdmd.md`` §5: 64); the update is ``(α/r)·B·A``."""
 
     def __post_init__(self):
         if not 0.0 <= self.eta <= 1.0:
@@ -126,6 +133,11 @@ class ACDMDConfig:
         self.renoise_clamp = (low, high)
         if self.adsm_weight_cap <= 0:
             raise ValueError(f"acdmd.adsm_weight_cap must be > 0, got {self.adsm_weight_cap}")
+        if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
+            raise ValueError(f"acdmd.lora_rank must be an integer >= 0 (0 = full copies), got {self.lora_rank}")
+        self.lora_rank = int(self.lora_rank)
+        if self.lora_alpha <= 0:
+            raise ValueError(f"acdmd.lora_alpha must be > 0, got {self.lora_alpha}")
         if self.eta == 0 and self.consistency_weight > 0:
             warnings.warn(
                 "acdmd.eta = 0 makes the consistency transitions deterministic: both samples coincide and "
@@ -160,7 +172,7 @@ class ACDMD(DMD):
 
     Args:
         backbone: model family adapter with a flow schedule (an ε/VP backbone is refused).
-        acdmd: AC-DMD settings (CPS η, consistency γ and Δ, renoise clamp, ADSM weight cap).
+        acdmd: AC-DMD settings (CPS η, consistency γ and Δ, renoise clamp, ADSM weight cap, role LoRAs).
         dmd: the DMD settings AC-DMD shares: ``guidance_scale`` (teacher CFG w of the real velocity),
             ``generator_update_ratio`` (TTUR, 10 in the spec), ``norm_eps`` (0: the spec's
             normaliser) and ``backward_simulation`` (``False`` trains step 1 only). The DM/fake
@@ -200,6 +212,27 @@ class ACDMD(DMD):
         )
         self.acdmd = acdmd
         self._check_levels()
+        if acdmd.lora_rank:
+            self.attach_role_loras()
+
+    # ---- LoRA roles -------------------------------------------------------------------------
+    def attach_role_loras(self) -> None:
+        """Give the generator and the fake score one fresh LoRA each (adapters named after the roles,
+        Gaussian A seeded by ``seed``, B = 0); their base weights freeze and stay out of the optimizers."""
+        targets = self.backbone.lora_target_modules
+        if targets is None:
+            raise ValueError(
+                f"acdmd.lora_rank={self.acdmd.lora_rank} needs the backbone's lora_target_modules; "
+                f"{type(self.backbone).__name__} declares none (use lora_rank: 0 for full copies)"
+            )
+        for offset, role in enumerate(("generator", "fake_score")):
+            add_lora(getattr(self, role), targets, self.acdmd.lora_rank, self.acdmd.lora_alpha, role, seed=self.seed + offset)
+
+    def role_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """With role LoRAs, each role owns its LoRA weights only."""
+        if not self.acdmd.lora_rank:
+            return super().role_parameters()
+        return {role: [p for m in modules for p in lora_parameters(m)] for role, modules in self.role_modules().items()}
 
     def _check_levels(self) -> None:
         """Every boundary σ_s < 1 must leave a renoise interval: 1000·σ_s + 10 <= clamp max."""

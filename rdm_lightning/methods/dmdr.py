@@ -35,7 +35,7 @@ from rdm_lightning.core.schedules_training import (
 )
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
 from rdm_lightning.methods.dmd import DMD, DMDConfig
-from rdm_lightning.methods.lora import lora_scale, shared_lora_copy
+from rdm_lightning.methods.lora import add_lora, lora_scale, shared_copy
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel, RewardTerm, WeightedRewards
 
@@ -176,8 +176,8 @@ class DMDR(DMD):
                 f"critic='lora_on_teacher' needs the backbone's lora_target_modules; {type(self.backbone).__name__} declares none"
             )
         config = self.dmdr
-        critic = shared_lora_copy(
-            self.teacher, targets, config.critic_lora_rank, config.critic_lora_alpha, CRITIC_ADAPTER,
+        critic = add_lora(
+            shared_copy(self.teacher), targets, config.critic_lora_rank, config.critic_lora_alpha, CRITIC_ADAPTER,
             scale=config.fake_lora_scale, seed=self.seed,
         )
         teacher = {id(t) for t in (*self.teacher.parameters(), *self.teacher.buffers())}

@@ -1,10 +1,12 @@
-"""LoRA on a frozen network that shares its base weights (DMDR's ``critic: lora_on_teacher``, dmdr.md §2).
+"""peft LoRA adapters on role networks.
 
-:func:`shared_lora_copy` builds a structural copy of a frozen network whose
-parameters and buffers *are* the original's (no second copy of the weights)
-and injects one peft LoRA adapter into the copy only; the original stays
-adapter-free. :func:`lora_scale` sets the adapter's runtime scale for a block
-of code (DMDR: 2.0 for the fake score, ``s_r(u)`` for the real score).
+- ``add_lora(shared_copy(teacher), ...)``: a structural copy of a frozen network whose parameters
+  and buffers *are* the original's (no second copy of the weights), with one LoRA adapter in the
+  copy only (DMDR's ``critic: lora_on_teacher``, dmdr.md §2). :func:`lora_scale` sets the adapter's runtime
+  scale for a block of code (DMDR: 2.0 for the fake score, ``s_r(u)`` for the real score).
+- :func:`add_lora`, :func:`lora_parameters`, :func:`merge_lora`: RTDMD's LoRA roles (rtdmd.md §5):
+  each role is its network plus one adapter; stage 2 merges stage 1's adapters into the base
+  weights before training fresh ones, and export merges the last ones.
 
 peft is an optional dependency (the ``lora`` extra), imported only when a LoRA is built.
 """
@@ -13,10 +15,13 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from itertools import chain
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding", "lora_magnitude", ".base_layer.")
+"""Substrings of peft LoRA entries in a state dict (``...conv1.base_layer.weight``, ``...lora_A.<adapter>...``)."""
 
 
 def require_peft():
@@ -69,7 +74,7 @@ def shared_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo=memo)
 
 
-def shared_lora_copy(
+def add_lora(
     network: nn.Module,
     target_modules: Sequence[str] | str,
     rank: int,
@@ -78,29 +83,80 @@ def shared_lora_copy(
     scale: float = 1.0,
     seed: int = 0,
 ) -> nn.Module:
-    """``network`` plus one LoRA adapter, sharing ``network``'s (frozen) weights.
+    """Inject one LoRA adapter into ``network`` in place and freeze everything else; returns ``network``.
 
     The adapter (``r = rank``, ``lora_alpha = alpha``) targets peft's ``target_modules``
     (names matched as suffixes, or one regex) and is initialised Gaussian: A ~ N(0, 1/r),
-    B = 0, so the copy computes exactly what ``network`` does until B moves. The LoRA
-    weights are float32 whatever the base dtype, their initialisation is seeded by
-    ``seed``, and the adapter starts at runtime ``scale``. The base weights are not
-    trainable (``requires_grad`` False); only the LoRA weights are.
+    B = 0, so the network computes exactly what it did until B moves. The LoRA weights are
+    float32 whatever the base dtype, their initialisation is seeded by ``seed``, and the
+    adapter starts at runtime ``scale``. The base weights are not trainable
+    (``requires_grad`` False); only the LoRA weights are (:func:`lora_parameters`).
     """
     peft = require_peft()
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-    shared = {id(t) for t in chain(network.parameters(), network.buffers())}
-    critic = shared_copy(network)
+    base = {id(t) for t in chain(network.parameters(), network.buffers())}
     # peft initialises the adapter on the CPU before moving it to the base layer's device.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft.inject_adapter_in_model(config, critic, adapter_name=adapter)
-    for param in critic.parameters():
-        if id(param) in shared:
+        peft.inject_adapter_in_model(config, network, adapter_name=adapter)
+    for param in network.parameters():
+        if id(param) in base:
             param.requires_grad_(False)
         else:
             # peft casts the adapter to the base dtype; the trained LoRA weights stay float32.
             param.data = param.data.float()
-    set_lora_scale(critic, adapter, scale)
-    return critic
+    set_lora_scale(network, adapter, scale)
+    return network
+
+
+def lora_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """The LoRA weights of every adapter in ``network`` (peft's ``lora_*`` parameters)."""
+    return [p for name, p in network.named_parameters() if "lora_" in name]
+
+
+def has_lora_entries(state: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict holds peft LoRA entries (``...lora_A.<adapter>...``, ``...base_layer.weight``)."""
+    return any(marker in key for key in state for marker in LORA_KEY_MARKERS)
+
+
+def load_base_weights(network: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load the plain network weights ``state`` into the base layers of a LoRA'd ``network``, strictly;
+    the adapters are left as they are."""
+    from peft.tuners.lora import LoraLayer
+
+    adapted = {name for name, module in network.named_modules() if isinstance(module, LoraLayer)}
+    based = {}
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        based[f"{owner}.base_layer.{leaf}" if owner in adapted else key] = value
+    missing, unexpected = network.load_state_dict(based, strict=False)
+    missing = [key for key in missing if "lora_" not in key]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit the network's base: missing {missing}, unexpected {unexpected}")
+
+
+def merge_lora(network: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter of ``network`` into its base weights and remove the LoRA layers, in place.
+
+    Each peft layer's base weight becomes ``W + scale·(α/r)·B·A`` (per adapter, at its current runtime
+    scale), in the base weight's dtype, and the layer is replaced by its base layer, so the result
+    is the plain network that computes what the adapted one did. Returns ``network``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [(name, module) for name, module in network.named_modules() if isinstance(module, LoraLayer)]
+    if not adapted:
+        raise ValueError(f"{type(network).__name__} has no LoRA layer to merge")
+    for name, layer in adapted:
+        layer.merge(safe_merge=True)
+        parent_name, _, child = name.rpartition(".")
+        setattr(network.get_submodule(parent_name) if parent_name else network, child, layer.get_base_layer())
+    return network
+
+
+def merged_copy(network: nn.Module) -> nn.Module:
+    """``network`` itself when it has no LoRA; otherwise a copy with its adapters merged (:func:`merge_lora`)."""
+    if not lora_parameters(network):
+        return network
+    return merge_lora(copy.deepcopy(network))

@@ -54,9 +54,11 @@ Choices, where the spec leaves room or the library differs from the reference:
   differentiable rewards; with ``backprop_weight: 0`` any reward is accepted (advantages only).
 - **EMA.** The spec's stage-2 EMA, decay ``min((1+n)/(10+n), 0.9)`` every 8 generator updates, is
   :class:`~rdm_lightning.callbacks.GeneratorEMA` with ``decay: 0.9, every_n_updates: 8, warmup: true``.
-- **LoRA.** The library's stage 1 trains full copies. A stage-1 checkpoint holding peft LoRA weights
-  would have to be merged into its base weights first; that is not implemented and is refused
-  (NotImplementedError), not silently mis-loaded.
+- **LoRA** (``acdmd.lora_rank > 0``, ``rtdmd.md`` §5). A stage-1 checkpoint with role LoRAs is merged on
+  load: each role is rebuilt with stage 1's adapter (its checkpoint's ``acdmd.lora_rank``/``lora_alpha``),
+  loaded and folded into its base weights. With ``lora_rank > 0`` here too, those merged weights become
+  the base of fresh adapters (B = 0, so stage 2 starts from exactly stage 1's networks) and only the new
+  adapters train; ``rdm export`` merges them in turn. Full-copy and LoRA stages mix freely.
 - ``dmd.guidance_scale`` is the teacher CFG of the AC-DMD auxiliary (the stage-1 value);
   ``dmd.generator_update_ratio`` and ``dmd.backward_simulation`` are unused (every iteration updates both
   roles once, and the auxiliary is always at the final step).
@@ -95,12 +97,11 @@ from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, weighted_rewards
 from rdm_lightning.methods.grpo import flow_velocity
+from rdm_lightning.methods.lora import add_lora, has_lora_entries, load_base_weights, lora_parameters, merge_lora
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel
 
 STAGE1_ROLES = ("generator", "fake_score")
-LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding", "lora_magnitude", ".base_layer.")
-"""Substrings of peft LoRA entries in a state dict (``...conv1.base_layer.weight``, ``...lora_A.<adapter>...``)."""
 
 
 @dataclass
@@ -190,10 +191,6 @@ def masked_rtdmd_advantages(
     raw = rtdmd_advantages(scores, group_size, weights, eps=eps)
     advantages = torch.where(keep, raw.clamp(-clip, clip), torch.zeros_like(raw))
     return raw, advantages, keep
-
-
-def _has_lora(keys: Sequence[str]) -> list[str]:
-    return [k for k in keys if any(marker in k for marker in LORA_KEY_MARKERS)]
 
 
 class RTDMD(ACDMD):
@@ -286,27 +283,42 @@ class RTDMD(ACDMD):
         state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"stage1_checkpoint {str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
-        lora = _has_lora([k for k in state if k.startswith(("generator.", "generator_ema.", "fake_score."))])
-        if lora:
-            raise NotImplementedError(
-                f"stage1_checkpoint {str(path)!r} holds LoRA adapters ({lora[:3]}...): stage 2 must first merge them "
-                "into the base weights (rtdmd.md §5, LoRA), which RTDMD does not implement; train stage 1 with full "
-                "copies (the library's ACDMD) or merge the adapters before loading"
-            )
-        self._check_stage1_student(checkpoint.get("hyper_parameters") or {}, path)
+        hparams = checkpoint.get("hyper_parameters") or {}
+        self._check_stage1_student(hparams, path)
         source = "generator_ema" if any(k.startswith("generator_ema.") for k in state) else "generator"
         for role, prefix in (("generator", source), ("fake_score", "fake_score")):
             entries = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             if not entries:
                 raise ValueError(f"stage1_checkpoint {str(path)!r} has no {prefix!r} weights; is it an ACDMD checkpoint?")
             try:
-                getattr(self, role).load_state_dict(entries, strict=True)
+                if has_lora_entries(entries):
+                    entries = self._merged_stage1_weights(entries, role, hparams, path)
+                network = getattr(self, role)
+                if lora_parameters(network):
+                    load_base_weights(network, entries)
+                else:
+                    network.load_state_dict(entries, strict=True)
             except RuntimeError as err:
                 raise ValueError(
                     f"stage1_checkpoint {str(path)!r}: its {prefix!r} weights do not fit this module's {role} "
                     f"(same backbone as stage 1?): {err}"
                 ) from err
         self.stage1_source = source
+
+    def _merged_stage1_weights(self, entries: dict, role: str, hparams: dict, path: Path) -> dict[str, Tensor]:
+        """The plain weights of a stage-1 LoRA role: its network rebuilt with stage 1's adapter
+        (``acdmd.lora_rank``/``lora_alpha`` of the checkpoint's hyperparameters), loaded, then merged."""
+        stage1 = hparams.get("acdmd")
+        rank, alpha = (stage1.get("lora_rank"), stage1.get("lora_alpha")) if isinstance(stage1, dict) else (
+            getattr(stage1, "lora_rank", None), getattr(stage1, "lora_alpha", None))
+        if not rank:
+            raise ValueError(
+                f"stage1_checkpoint {str(path)!r} holds LoRA weights but its hyperparameters name no "
+                f"acdmd.lora_rank (got {stage1!r}); stage 2 needs stage 1's rank and alpha to merge them"
+            )
+        network = add_lora(self.backbone.load_denoiser(), self.backbone.lora_target_modules, rank, alpha, role)
+        network.load_state_dict(entries, strict=True)
+        return merge_lora(network).state_dict()
 
     def _check_stage1_student(self, hparams: dict, path: Path) -> None:
         """Warn when stage 1 trained other student levels than stage 2 samples with."""
