@@ -290,3 +290,27 @@ def test_importing_the_rewards_loads_neither_clip_modeling_nor_torchvision():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_dmdr_trains_on_the_srpo_reward_through_its_hinge(clip_reward, tiny_digits_teacher):
+    """DMDR's ``reward_algo: srpo``: after the cold start the loss is L_DM + w·mean(ReLU(0.7 − r_srpo)),
+    and the reward's gradient reaches the generator's samples."""
+    from rdm_lightning.backbones.digits import DigitsBackbone
+    from rdm_lightning.core.schedules_training import hinge_reward_loss
+    from rdm_lightning.methods import DMDR, DMDRConfig
+
+    srpo = SRPOReward(clip_reward, positive_words=["Detailed"], negative_words=["Painting"], name="srpo")
+    module = DMDR(DigitsBackbone(str(tiny_digits_teacher)), rewards=[srpo],
+                  dmdr=DMDRConfig(cold_start_updates=0, reward_weights={"srpo": 0.5}))
+    prompts = ["a handwritten digit 3", "a handwritten digit 7"]
+    cond, uncond = module.backbone.encode_prompts(prompts), module.backbone.empty_conditioning(2)
+    x0 = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).requires_grad_(True)
+    state = module.rng.get_state()
+    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": prompts})
+    module.rng.set_state(state)
+    dm_loss, _ = module.distribution_matching_loss(x0, cond, uncond)
+    hinge = hinge_reward_loss(srpo.score(module.backbone.decode(x0), prompts, with_grad=True), 0.5, 0.7)
+    torch.testing.assert_close(loss, dm_loss + hinge)
+    assert "reward/srpo" in logs
+    (grad,) = torch.autograd.grad(loss - dm_loss, x0)
+    assert grad.abs().sum() > 0
