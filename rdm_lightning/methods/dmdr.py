@@ -37,7 +37,8 @@ from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, che
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.lora import add_lora, lora_scale, shared_copy
 from rdm_lightning.methods.optim import OptimizerConfig
-from rdm_lightning.rewards.base import RewardModel, RewardTerm, WeightedRewards
+from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
+from rdm_lightning.rewards.base import RewardModel, RewardTerm
 
 
 CRITICS = ("full_copy", "lora_on_teacher")
@@ -108,17 +109,7 @@ class DMDRConfig:
         return self.critic == "lora_on_teacher"
 
 
-def weighted_rewards(rewards: list[RewardModel], weights: dict[str, float]) -> WeightedRewards | None:
-    """The rewards with their weights by name, or None for no rewards; every reward needs exactly one weight."""
-    names = [reward.name for reward in rewards]
-    missing = sorted(set(names) - set(weights))
-    unknown = sorted(set(weights) - set(names))
-    if missing or unknown:
-        raise ValueError(f"reward_weights must give one weight per reward {names}: missing {missing}, unknown {unknown}")
-    return WeightedRewards([RewardTerm(r, weights[r.name]) for r in rewards]) if rewards else None
-
-
-class DMDR(DMD):
+class DMDR(RewardedMethod, DMD):
     """DMD2 jointly trained with differentiable rewards (ReFL hinge), after a pure-DMD cold start.
 
     Args:
@@ -237,14 +228,6 @@ class DMDR(DMD):
             raise ValueError(f"{type(self).__name__} needs at least one reward in `rewards`")
         self.rewards.require_differentiable()
 
-    def reward_terms(self) -> tuple[RewardTerm, ...]:
-        """The optimized rewards with their weights (none when there are no rewards)."""
-        return self.rewards.terms if self.rewards is not None else ()
-
-    def reward_models(self) -> dict[str, nn.Module]:
-        gold = {f"gold/{reward.name}": reward for reward in self.gold_rewards}
-        return {**{term.name: term.reward for term in self.reward_terms()}, **gold}
-
     def dm_levels(self, n: int) -> Tensor:
         """DynaRS: ``u ~ Beta(a(u), b(u))`` mapped through the schedule (σ = u without shift)."""
         a, b = dynamic_renoise_beta(self.generator_updates, self.dmdr.dynamic_renoise_updates)
@@ -257,28 +240,6 @@ class DMDR(DMD):
 
     def in_cold_start(self) -> bool:
         return self.generator_updates < self.dmdr.cold_start_updates
-
-    def gold_reward_logs(self, x0: Tensor, prompts: list[str], images: Tensor | None = None) -> dict[str, Tensor]:
-        """Mean gold reward of the samples ``x0`` (scored, never optimized), by ``reward/gold/<name>``.
-
-        ``images`` is ``decode(x0)`` when the caller already has it, so the decoder (a VAE on SD) runs once.
-        """
-        if not self.gold_rewards:
-            return {}
-        images = self.backbone.decode(x0.detach()) if images is None else images.detach()
-        return {f"reward/gold/{reward.name}": reward.score(images, prompts).mean() for reward in self.gold_rewards}
-
-    def reward_gradient(self, reward: RewardModel, y: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Detached scores ``R(decode(y), c_i)`` ``[B]`` and ``γ_i = ∇_y R(decode(y), c_i)`` at ``sg(y)``.
-
-        GNDMR's W2 takes it at the generator samples, GDMD's B2 at the implicit target.
-        Differentiating the sum gives every γ_i at once: a reward scores each image on its own.
-        """
-        y = y.detach().requires_grad_(True)
-        with torch.enable_grad():
-            scores = reward.score(self.backbone.decode(y), prompts, with_grad=True)
-            (gamma,) = torch.autograd.grad(scores.sum(), y)
-        return scores.detach(), gamma
 
     def reward_loss(self, scores: Tensor, term: RewardTerm) -> Tensor:
         """The ReFL term of one reward: ``w_m·mean(ReLU(hinge − r_m))`` (scores carry gradients)."""

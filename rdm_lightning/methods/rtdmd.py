@@ -95,10 +95,10 @@ from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import SIGMA_S_KEY, ACDMD, ACDMDConfig
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
 from rdm_lightning.methods.dmd import DMDConfig
-from rdm_lightning.methods.dmdr import DMDR, weighted_rewards
 from rdm_lightning.methods.grpo import flow_velocity
 from rdm_lightning.methods.lora import add_lora, has_lora_entries, load_base_weights, lora_parameters, merge_lora
 from rdm_lightning.methods.optim import OptimizerConfig
+from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
 from rdm_lightning.rewards.base import RewardModel
 
 STAGE1_ROLES = ("generator", "fake_score")
@@ -193,7 +193,7 @@ def masked_rtdmd_advantages(
     return raw, advantages, keep
 
 
-class RTDMD(ACDMD):
+class RTDMD(RewardedMethod, ACDMD):
     """RTDMD stage 2: RL (SubGRPO + reward backprop + AC-DMD auxiliary) from a stage-1 AC-DMD checkpoint.
 
     Args:
@@ -265,11 +265,6 @@ class RTDMD(ACDMD):
         """Which stage-1 network the generator was initialised from (``generator_ema`` or ``generator``)."""
         if stage1_checkpoint is not None:
             self.load_stage1(stage1_checkpoint)
-
-    # ---- rewards: DMDR's helpers, borrowed (RTDMD is an ACDMD, not a DMDR) -----------------------------
-    reward_terms = DMDR.reward_terms
-    reward_models = DMDR.reward_models
-    gold_reward_logs = DMDR.gold_reward_logs
 
     # ---- stage-1 initialisation -----------------------------------------------------------------------
     def load_stage1(self, path: str | Path) -> None:

@@ -1,0 +1,58 @@
+"""What every reward-driven method shares: its optimized rewards with weights, its gold rewards, and
+how they are scored, logged and differentiated (DMDR, GNDM/GNDMR, GDMD, RTDMD)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rdm_lightning.rewards.base import RewardModel, RewardTerm, WeightedRewards
+
+
+def weighted_rewards(rewards: list[RewardModel], weights: dict[str, float]) -> WeightedRewards | None:
+    """The rewards with their weights by name, or None for no rewards; every reward needs exactly one weight."""
+    names = [reward.name for reward in rewards]
+    missing = sorted(set(names) - set(weights))
+    unknown = sorted(set(weights) - set(names))
+    if missing or unknown:
+        raise ValueError(f"reward_weights must give one weight per reward {names}: missing {missing}, unknown {unknown}")
+    return WeightedRewards([RewardTerm(r, weights[r.name]) for r in rewards]) if rewards else None
+
+
+class RewardedMethod:
+    """Mixin of a distillation module (listed before it in the bases) that has ``self.rewards``
+    (:class:`WeightedRewards` or None, from :func:`weighted_rewards`) and ``self.gold_rewards``
+    (an ``nn.ModuleList``), set in its ``__init__``."""
+
+    rewards: WeightedRewards | None
+    gold_rewards: nn.ModuleList
+
+    def reward_terms(self) -> tuple[RewardTerm, ...]:
+        """The optimized rewards with their weights (none when there are no rewards)."""
+        return self.rewards.terms if self.rewards is not None else ()
+
+    def reward_models(self) -> dict[str, nn.Module]:
+        """The optimized rewards by name and the gold ones by ``gold/<name>`` (reward logging and evaluation)."""
+        gold = {f"gold/{reward.name}": reward for reward in self.gold_rewards}
+        return {**{term.name: term.reward for term in self.reward_terms()}, **gold}
+
+    def gold_reward_logs(self, x0: Tensor, prompts: list[str], images: Tensor | None = None) -> dict[str, Tensor]:
+        """Mean gold reward of the samples ``x0`` (scored, never optimized), by ``reward/gold/<name>``.
+
+        ``images`` is ``decode(x0)`` when the caller already has it, so the decoder (a VAE on SD) runs once.
+        """
+        if not self.gold_rewards:
+            return {}
+        images = self.backbone.decode(x0.detach()) if images is None else images.detach()
+        return {f"reward/gold/{reward.name}": reward.score(images, prompts).mean() for reward in self.gold_rewards}
+
+    def reward_gradient(self, reward: RewardModel, y: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Detached scores ``R(decode(y), c_i)`` ``[B]`` and ``γ_i = ∇_y R(decode(y), c_i)`` at ``sg(y)``.
+
+        GNDMR's W2 takes it at the generator samples, GDMD's B2 at the implicit target.
+        Differentiating the sum gives every γ_i at once: a reward scores each image on its own.
+        """
+        y = y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = reward.score(self.backbone.decode(y), prompts, with_grad=True)
+            (gamma,) = torch.autograd.grad(scores.sum(), y)
+        return scores.detach(), gamma
