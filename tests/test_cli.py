@@ -96,9 +96,17 @@ def test_training_curves_record_changes_and_plot(tmp_path):
 
     with pytest.raises(ValueError, match="no curves"):
         plot_curves({}, tmp_path / "empty.png")
-    path = plot_curves({"train/loss_dm": [(1, 0.5), (2, 0.4)], "eval/digits_fd": [(2, 30.0)]}, tmp_path / "c.png")
+    path = plot_curves({"train/loss_dm": [(1, 0.5), (2, 0.4)], "eval/digits_fd": [(2, 30.0)]}, tmp_path / "c.png", until=5)
     width, height = Image.open(path).size
     assert width > height  # two panels side by side
+
+
+def test_a_constant_metric_is_held_to_the_last_update_not_drawn_as_one_dot():
+    from rdm_lightning.callbacks.curves import held_until
+
+    assert held_until([(1, 1.0)], until=200) == [(1, 1.0), (200, 1.0)]
+    assert held_until([(1, 0.5), (7, 0.4)], until=7) == [(1, 0.5), (7, 0.4)]
+    assert held_until([(1, 0.5)], until=None) == [(1, 0.5)]
 
 
 def test_sample_writes_npz_and_grid(fitted_run, tmp_path):

@@ -15,14 +15,26 @@ from rdm_lightning.callbacks.samples import run_dir  # noqa: E402
 from rdm_lightning.methods.base import DistillationModule  # noqa: E402
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
-    """One panel per curve of ``(generator update, value)`` points; saves and returns ``path``."""
+def held_until(points: list[tuple[int, float]], until: int | None) -> list[tuple[int, float]]:
+    """``points`` (value changes) with the last value held up to update ``until`` when it ends earlier."""
+    if until is None or points[-1][0] >= until:
+        return points
+    return [*points, (until, points[-1][1])]
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, until: int | None = None) -> Path:
+    """One panel per curve of ``(generator update, value)`` points; saves and returns ``path``.
+
+    With ``until``, a curve whose last point comes earlier is held at its last value up to that
+    update (the points are value changes, so a constant metric is a flat line, not one dot).
+    """
     if not curves:
         raise ValueError("no curves to plot")
     columns = min(3, len(curves))
     rows = math.ceil(len(curves) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for axis, (name, points) in zip(axes.flat, sorted(curves.items())):
+        points = held_until(points, until)
         updates, values = zip(*points)
         axis.plot(updates, values, marker="." if len(points) < 30 else None)
         axis.set_title(name)
@@ -66,11 +78,11 @@ class TrainingCurves(L.Callback):
                     points.append((updates, float(value)))
         if trainer.is_global_zero and updates - self.last_drawn >= self.every_n_updates:
             self.last_drawn = updates
-            plot_curves(self.curves, run_dir(trainer) / "curves.png")
+            plot_curves(self.curves, run_dir(trainer) / "curves.png", until=updates)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.curves:
-            plot_curves(self.curves, run_dir(trainer) / "curves.png")
+            plot_curves(self.curves, run_dir(trainer) / "curves.png", until=pl_module.generator_updates)
 
     def state_dict(self) -> dict:
         return {"curves": dict(self.curves), "last_drawn": self.last_drawn}
