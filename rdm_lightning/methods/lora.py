@@ -20,8 +20,10 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding", "lora_magnitude", ".base_layer.")
-"""Substrings of peft LoRA entries in a state dict (``...conv1.base_layer.weight``, ``...lora_A.<adapter>...``)."""
+ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_embedding", "lora_magnitude")
+"""Substrings of the names of peft's adapter weights (``...conv1.lora_A.<adapter>.weight``)."""
+LORA_KEY_MARKERS = (*ADAPTER_MARKERS, ".base_layer.")
+"""Substrings of peft LoRA entries in a state dict, the adapted layers' base weights included."""
 
 
 def require_peft():
@@ -111,8 +113,8 @@ def add_lora(
 
 
 def lora_parameters(network: nn.Module) -> list[nn.Parameter]:
-    """The LoRA weights of every adapter in ``network`` (peft's ``lora_*`` parameters)."""
-    return [p for name, p in network.named_parameters() if "lora_" in name]
+    """The LoRA weights of every adapter in ``network`` (peft's ``lora_A``/``lora_B``/... parameters)."""
+    return [p for name, p in network.named_parameters() if any(marker in name for marker in ADAPTER_MARKERS)]
 
 
 def has_lora_entries(state: Mapping[str, Tensor]) -> bool:
@@ -131,7 +133,7 @@ def load_base_weights(network: nn.Module, state: Mapping[str, Tensor]) -> None:
         owner, _, leaf = key.rpartition(".")
         based[f"{owner}.base_layer.{leaf}" if owner in adapted else key] = value
     missing, unexpected = network.load_state_dict(based, strict=False)
-    missing = [key for key in missing if "lora_" not in key]
+    missing = [key for key in missing if not any(marker in key for marker in ADAPTER_MARKERS)]
     if missing or unexpected:
         raise RuntimeError(f"weights do not fit the network's base: missing {missing}, unexpected {unexpected}")
 
