@@ -229,6 +229,9 @@ def test_weighted_rewards_with_gradients_refuse_a_non_differentiable_term(classi
         rewards.score_all(torch.rand(2, 1, 8, 8), ["a 1", "a 2"], with_grad=True)
     with pytest.raises(ValueError, match=r"unknown reward terms \['clip'\]"):
         rewards.require_differentiable(["clip"])
+    with pytest.raises(ValueError, match=r"^Method X \(w=1\) differentiates every reward: reward terms \['gold'\].*"
+                                         r"\['DigitsClassifierReward'\]\. Set w: 0$"):
+        rewards.require_differentiable(needed_by="Method X (w=1)", remedy="Set w: 0")
 
 
 def test_duplicate_term_names_are_refused():

@@ -207,13 +207,10 @@ class GDMD(GRPOMixin, DMDR):
             self.check_grpo()
         if gdmd.b2_weight > 0:
             # Checked here, not at the first post-cold-start update thousands of steps into a run.
-            try:
-                self.rewards.require_differentiable()
-            except ValueError as error:
-                raise ValueError(
-                    f"GDMD's B2 auxiliary (b2_weight={gdmd.b2_weight}) differentiates every reward: {error}. "
-                    "Drop those rewards, or set b2_weight=0 (B1 alone takes any reward)"
-                ) from error
+            self.rewards.require_differentiable(
+                needed_by=f"GDMD's B2 auxiliary (b2_weight={gdmd.b2_weight})",
+                remedy="Drop those rewards, or set b2_weight=0 (B1 alone takes any reward)",
+            )
 
     def check_rewards(self) -> None:
         """B1 only scores the rewards: any reward works, at least one (B2's needs are checked in ``__init__``)."""

@@ -250,14 +250,11 @@ class RTDMD(RewardedMethod, ACDMD):
         weights = rtdmd.reward_weights if rtdmd.reward_weights is not None else {r.name: 1.0 for r in rewards}
         self.rewards = weighted_rewards(rewards, weights)
         if rtdmd.backprop_weight > 0:
-            try:
-                self.rewards.require_differentiable()
-            except ValueError as err:
-                raise ValueError(
-                    f"RTDMD's reward backprop (rtdmd.backprop_weight={rtdmd.backprop_weight}) differentiates every "
-                    f"optimized reward: {err}. Log such a reward as a gold reward, or set rtdmd.backprop_weight: 0 "
-                    "to optimize through the advantages only"
-                ) from err
+            self.rewards.require_differentiable(
+                needed_by=f"RTDMD's reward backprop (rtdmd.backprop_weight={rtdmd.backprop_weight})",
+                remedy="Log such a reward as a gold reward, or set rtdmd.backprop_weight: 0 to optimize "
+                "through the advantages only",
+            )
         self.gold_rewards = nn.ModuleList(gold_rewards or [])
         self.rl_iterations = 0
         """RL iterations (the spec's epochs) done; seeds the SubGRPO steps and shared noise. Checkpointed."""

@@ -203,8 +203,13 @@ class WeightedRewards(nn.Module):
         """The term names, in order."""
         return [term.name for term in self.terms]
 
-    def require_differentiable(self, names: Iterable[str] | None = None) -> None:
+    def require_differentiable(
+        self, names: Iterable[str] | None = None, *, needed_by: str | None = None, remedy: str | None = None
+    ) -> None:
         """Raise unless every named term (``None``: every term) is differentiable.
+
+        ``needed_by`` names what differentiates the rewards (e.g. "GDMD's B2 auxiliary (b2_weight=0.1)")
+        and ``remedy`` says how to fix the config; both lead and close the message.
 
         Raises:
             ValueError: a name is not a term here, or a term is not differentiable
@@ -218,10 +223,13 @@ class WeightedRewards(nn.Module):
         offending = [name for name in wanted if not by_name[name].reward.differentiable]
         if offending:
             usable = [term.name for term in self.terms if term.reward.differentiable]
-            raise ValueError(
+            message = (
                 f"reward terms {offending} are not differentiable but are used where gradients are needed; "
                 f"differentiable terms here: {usable}"
             )
+            if needed_by is not None:
+                message = f"{needed_by} differentiates every reward: {message}"
+            raise ValueError(message if remedy is None else f"{message}. {remedy}")
 
     def score_all(
         self, images: Tensor, prompts: Sequence[str], *, with_grad: bool = False, batch_size: int | None = None
