@@ -14,6 +14,7 @@ from rdm_lightning.evaluation.digits import (
     random_shift,
     train_digits_classifier,
 )
+from rdm_lightning.evaluation.direction import DirectionConsistency
 from rdm_lightning.evaluation.frechet import frechet_distance, gaussian_statistics
 
 
@@ -230,3 +231,47 @@ def test_evaluate_rejects_bad_input(evaluator, images, count, message):
 def test_evaluate_rejects_a_prompt_without_a_digit(evaluator):
     with pytest.raises(ValueError, match="'a cat'"):
         evaluator.evaluate(torch.rand(2, 1, 8, 8), [digit_prompt(1), "a cat"])
+
+
+# --- direction consistency --------------------------------------------------------------------
+
+
+def consistency_of(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    statistics = DirectionConsistency()
+    for draw in draws:
+        statistics.update(draw)
+    return statistics.compute()
+
+
+def test_direction_consistency_has_closed_form_for_symmetric_orthogonal_noise():
+    # g^(m) = v ± a·u with u ⟂ v, half the draws each sign: ḡ = v, every draw has
+    # cos = |v| / sqrt(|v|² + a²|u|²) and the variance of one draw is a²|u|².
+    v = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    u = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    a = torch.tensor([0.5, 2.0]).view(2, 1)
+    draws = torch.stack([v + a * u, v - a * u, v - a * u, v + a * u]).view(4, 2, 1, 3)
+    cosine, snr = consistency_of(draws)
+    v_norm, noise_norm = v.norm(dim=1), (a * u).norm(dim=1)
+    torch.testing.assert_close(cosine, (v_norm / (v_norm**2 + noise_norm**2).sqrt()).double())
+    torch.testing.assert_close(snr, (v_norm**2 / noise_norm**2).double())
+
+
+def test_direction_consistency_matches_the_two_pass_definition():
+    draws = torch.randn(16, 3, 2, 5, generator=torch.Generator().manual_seed(0)).double() + 0.7
+    cosine, snr = consistency_of(draws)
+    flat = draws.flatten(2)
+    mean = flat.mean(dim=0)
+    expected_cosine = torch.nn.functional.cosine_similarity(flat, mean.expand_as(flat), dim=2).mean(dim=0)
+    expected_snr = mean.pow(2).sum(dim=1) / (flat - mean).pow(2).sum(dim=2).mean(dim=0)
+    torch.testing.assert_close(cosine, expected_cosine)
+    torch.testing.assert_close(snr, expected_snr)
+    torch.testing.assert_close(consistency_of(7.0 * draws), (cosine, snr))
+
+
+def test_direction_consistency_rejects_one_draw_and_a_changed_shape():
+    statistics = DirectionConsistency()
+    statistics.update(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="at least 2 draws, got 1"):
+        statistics.compute()
+    with pytest.raises(ValueError, match=r"must hold \(2, 3\).*got \(2, 4\)"):
+        statistics.update(torch.ones(2, 4))
