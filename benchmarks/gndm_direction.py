@@ -1,10 +1,11 @@
 """Does A1's group normaliser give a more robust DM direction than DMD's per-sample one?
 
-    python benchmarks/gndm_direction.py CHECKPOINT [CHECKPOINT ...] [--draws 128] [--groups 16]
-                                        [--prompts-file FILE] [--seed 0]
+    python benchmarks/gndm_direction.py CHECKPOINT [CHECKPOINT ...] [--draws 128] [--batch-size 64]
+                                        [--group-sizes K ...] [--prompts-file FILE] [--seed 0]
 
 For each `rdm fit` checkpoint of a GNDM-family module (GNDM, GNDMR, or any module with
-``gndm`` settings), the generator draws one K-repeated batch (``--groups`` prompts × K) by
+``gndm`` settings) and each K of ``--group-sizes`` (default: the checkpoint's), the
+generator draws one K-repeated batch of ``--batch-size`` samples (B/K prompts × K) by
 backward simulation, as in training. Then ``--draws`` re-noisings (σ, ε) of that batch are
 drawn by the module's own rule (one level per group under ``gndm.group_level``) and each is
 turned into a direction with both normalisers: DMD's per-sample ``n_i`` and A1's group
@@ -15,17 +16,20 @@ a draw's gradient to that mean and the signal-to-noise ratio ‖ḡ‖² / E‖g
 (``rdm_lightning.evaluation.direction``), and the within-group spread of ``n_i`` (the
 coefficient of variation; A1 equals DMD when it is 0, ``gndm.md`` check 1).
 
-Prompts: the first ``--groups`` lines of ``--prompts-file``, or the digits 0-9 in turn.
+Prompts: the first B/K lines of ``--prompts-file``, or the digits 0-9 in turn. With one level
+per group, a smaller K gives the batch more distinct levels; the SNR shows what that buys.
 Prints a markdown table; works on any backbone the checkpoint was trained with.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from rdm_lightning.core.advantages import check_group_size
 from rdm_lightning.core.dmd import dmd_gradient, dmd_normalizer
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
 from rdm_lightning.data.digits import digit_prompt
@@ -41,7 +45,7 @@ def group_prompts(groups: int, group_size: int, prompts_file: Path | None) -> li
     else:
         base = load_prompts(prompts_file)[:groups]
         if len(base) < groups:
-            raise ValueError(f"--prompts-file {str(prompts_file)!r} holds {len(base)} prompts, --groups asks for {groups}")
+            raise ValueError(f"--prompts-file {str(prompts_file)!r} holds {len(base)} prompts, the batch needs {groups}")
     return [prompt for prompt in base for _ in range(group_size)]
 
 
@@ -83,25 +87,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--draws", type=int, default=128, help="re-noisings (σ, ε) per sample (>= 2)")
-    parser.add_argument("--groups", type=int, default=16, help="prompts in the batch, each K times")
+    parser.add_argument("--batch-size", type=int, default=64, help="B, samples in the batch (B/K prompts, each K times)")
+    parser.add_argument("--group-sizes", type=int, nargs="+", help="the K to measure at (default: the checkpoint's)")
     parser.add_argument("--prompts-file", type=Path, help=".txt/.jsonl/.csv prompts (default: the digits 0-9)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch and the draws")
     args = parser.parse_args()
-    if args.draws < 2 or args.groups < 1:
-        parser.error(f"need --draws >= 2 and --groups >= 1, got {args.draws} and {args.groups}")
+    if args.draws < 2:
+        parser.error(f"need --draws >= 2, got {args.draws}")
 
-    print("| checkpoint | within-group CV of n_i | gradient cos, per-sample n_i | gradient cos, A1 n̄ | "
+    print("| checkpoint | K | within-group CV of n_i | gradient cos, per-sample n_i | gradient cos, A1 n̄ | "
           "gradient SNR, per-sample n_i | gradient SNR, A1 n̄ |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         module = load_module(checkpoint)
         if not hasattr(module, "gndm"):
             raise ValueError(f"{str(checkpoint)!r} holds a {type(module).__name__}, not a GNDM-family module "
                              "(no 'gndm' settings: group size and levels)")
-        module.rng.manual_seed(args.seed)
-        r = measure(module, group_prompts(args.groups, module.gndm.group_size, args.prompts_file), args.draws)
-        print(f"| {checkpoint} | {r['n_cv']:.3f} | {r['per_sample_cosine']:.3f} | {r['group_mean_cosine']:.3f} | "
-              f"{r['per_sample_snr']:.3f} | {r['group_mean_snr']:.3f} |")
+        for group_size in args.group_sizes or [module.gndm.group_size]:
+            check_group_size(args.batch_size, group_size)
+            module.gndm = dataclasses.replace(module.gndm, group_size=group_size)
+            module.rng.manual_seed(args.seed)
+            prompts = group_prompts(args.batch_size // group_size, group_size, args.prompts_file)
+            r = measure(module, prompts, args.draws)
+            print(f"| {checkpoint} | {group_size} | {r['n_cv']:.3f} | {r['per_sample_cosine']:.3f} | "
+                  f"{r['group_mean_cosine']:.3f} | {r['per_sample_snr']:.3f} | {r['group_mean_snr']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ same number of generator updates; a method is any config in configs/digits/ but 
 teacher's. A second stage (RTDMD stage 2) starts from its first stage's checkpoint of
 the same seed, for its config's number of RL iterations. Each run's scores are kept in
 <output>/runs/<method>_seed<seed>.json and reused by later calls with the same updates,
-samples and overrides (--rerun trains again), so the table can be built up over
-several calls; --set/--tag run an ablation, kept as <method>_<tag>_seed<seed>. Every
+samples, overrides and config file (--rerun trains again), so the table can be built up
+over several calls; --set/--tag run an ablation, kept as <method>_<tag>_seed<seed>. Every
 student (and the teacher's default sampler) is then scored on the same 1,000
 class-balanced samples from fixed noise with the same rewards — digit
 log-probability, stroke contrast and the gold classifier — so methods that do not
@@ -19,6 +19,7 @@ Prints a markdown table and the issue's targets; writes table.md and results.jso
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -55,6 +56,16 @@ def fit(method: str, seed: int, updates: int | None, output: Path, run_name: str
         ]
     )
     return cli.model
+
+
+def config_digest(method: str) -> str:
+    """SHA-256 (12 hex digits) of the method's config file and its first stage's: a kept run whose
+    digest differs was trained with another config and is trained again."""
+    digest = hashlib.sha256()
+    for name in (SECOND_STAGES.get(method), method):
+        if name is not None:
+            digest.update((CONFIGS / f"{name}.yaml").read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def first_stage_checkpoint(method: str, seed: int, output: Path) -> Path:
@@ -132,12 +143,13 @@ def main() -> None:
             path = kept / f"{name}_seed{seed}.json"
             run = json.loads(path.read_text()) if path.exists() and not args.rerun else None
             budget = None if method in SECOND_STAGES else args.updates
-            if run is None or {"overrides": [], **run["setting"]} != {**setting, "updates": budget}:
+            wanted = {**setting, "updates": budget, "config": config_digest(method)}
+            if run is None or {"overrides": [], **run["setting"]} != wanted:
                 start = time.perf_counter()
                 module = fit(method, seed, budget, args.output, f"{name}_seed{seed}", args.overrides)
                 minutes = (time.perf_counter() - start) / 60
                 scores = score(module, "generator", args.num_samples, evaluator, rewards)
-                run = {"setting": {**setting, "updates": budget},
+                run = {"setting": wanted,
                        "scores": {**scores, **rollout_costs(module), "fit_minutes": minutes}}
                 path.write_text(json.dumps(run, indent=2))
                 teacher_path = kept / "teacher.json"

@@ -52,5 +52,5 @@ def test_prompts_are_k_repeated_digits_or_a_file_long_enough(tmp_path):
     short = tmp_path / "prompts.txt"
     short.write_text("a cat\na dog\n")
     assert gndm_direction.group_prompts(2, 2, short) == ["a cat", "a cat", "a dog", "a dog"]
-    with pytest.raises(ValueError, match=r"holds 2 prompts, --groups asks for 3"):
+    with pytest.raises(ValueError, match=r"holds 2 prompts, the batch needs 3"):
         gndm_direction.group_prompts(3, 2, short)
