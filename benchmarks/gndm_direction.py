@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rdm_lightning.callbacks.digits_eval import balanced_digit_prompts
 from rdm_lightning.core.advantages import check_group_size
 from rdm_lightning.core.dmd import dmd_gradient, dmd_normalizer
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
-from rdm_lightning.data.digits import digit_prompt
 from rdm_lightning.data.prompts import load_prompts
 from rdm_lightning.evaluation.direction import DirectionConsistency
 from rdm_lightning.tools import load_module
@@ -41,7 +41,7 @@ from rdm_lightning.tools import load_module
 def group_prompts(groups: int, group_size: int, prompts_file: Path | None) -> list[str]:
     """``groups`` prompts, each repeated K times in a row (a K-repeated batch)."""
     if prompts_file is None:
-        base = [digit_prompt(g % 10) for g in range(groups)]
+        base = balanced_digit_prompts(groups)
     else:
         base = load_prompts(prompts_file)[:groups]
         if len(base) < groups:
@@ -64,17 +64,18 @@ def measure(module, prompts: list[str], draws: int) -> dict[str, float]:
     with torch.no_grad():
         x_in, level = module.generator_input(cond, len(prompts))
     x = module.backbone.predict_x0(module.generator, x_in, level, cond)
+    samples = x.detach()
     statistics = {"per_sample": DirectionConsistency(), "group_mean": DirectionConsistency()}
     spreads = []
     for _ in tqdm(range(draws), desc="DM draws", unit="draw"):
-        x0_real, x0_fake, _ = module.dm_estimates(x.detach(), cond, uncond)
+        x0_real, x0_fake, _ = module.dm_estimates(samples, cond, uncond)
         directions = {
-            "per_sample": dmd_gradient(x.detach(), x0_real, x0_fake, module.dmd.norm_eps),
-            "group_mean": group_dmd_gradient(x.detach(), x0_real, x0_fake, group_size, module.dmd.norm_eps),
+            "per_sample": dmd_gradient(samples, x0_real, x0_fake, module.dmd.norm_eps),
+            "group_mean": group_dmd_gradient(samples, x0_real, x0_fake, group_size, module.dmd.norm_eps),
         }
         for name, direction in directions.items():
             statistics[name].update(parameter_gradient(module, x, direction))
-        norms = dmd_normalizer(x.detach(), x0_real).flatten().view(-1, group_size)
+        norms = dmd_normalizer(samples, x0_real).flatten().view(-1, group_size)
         spreads.append(norms.std(dim=1, correction=0) / norms.mean(dim=1))
     result = {"n_cv": torch.cat(spreads).mean().item()}
     for name, statistic in statistics.items():
