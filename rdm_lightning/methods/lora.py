@@ -112,9 +112,14 @@ def add_lora(
     return network
 
 
+def is_adapter_weight(name: str) -> bool:
+    """Whether a parameter or state-dict name is one of peft's adapter weights (``...lora_A.<adapter>.weight``)."""
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
 def lora_parameters(network: nn.Module) -> list[nn.Parameter]:
     """The LoRA weights of every adapter in ``network`` (peft's ``lora_A``/``lora_B``/... parameters)."""
-    return [p for name, p in network.named_parameters() if any(marker in name for marker in ADAPTER_MARKERS)]
+    return [p for name, p in network.named_parameters() if is_adapter_weight(name)]
 
 
 def has_lora_entries(state: Mapping[str, Tensor]) -> bool:
@@ -133,7 +138,7 @@ def load_base_weights(network: nn.Module, state: Mapping[str, Tensor]) -> None:
         owner, _, leaf = key.rpartition(".")
         based[f"{owner}.base_layer.{leaf}" if owner in adapted else key] = value
     missing, unexpected = network.load_state_dict(based, strict=False)
-    missing = [key for key in missing if not any(marker in key for marker in ADAPTER_MARKERS)]
+    missing = [key for key in missing if not is_adapter_weight(key)]
     if missing or unexpected:
         raise RuntimeError(f"weights do not fit the network's base: missing {missing}, unexpected {unexpected}")
 
