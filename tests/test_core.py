@@ -20,6 +20,7 @@ from rdm_lightning.core.dmd import (
     dmd_normalizer,
     gan_discriminator_loss,
     gan_generator_loss,
+    nonfinite_per_sample,
 )
 from rdm_lightning.core.ema import ema_update
 from rdm_lightning.core.parameterization import (
@@ -363,6 +364,23 @@ def test_dmd_gradient_nan_to_num():
     assert (g[1].abs() == torch.finfo(g.dtype).max).all()
     assert torch.equal(torch.sign(g[1]), torch.sign(x_fake[1] - x_real[1]))
     torch.testing.assert_close(g[2], raw[2])
+
+
+def test_dmd_gradient_counts_the_entries_it_replaced():
+    """Finite inputs: count 0 and g bit-identical to the plain call; NaN/inf samples: their entries counted."""
+    g0 = torch.Generator().manual_seed(3)
+    x, x_real, x_fake = (torch.randn(4, 2, 4, 4, generator=g0) for _ in range(3))
+    gradient, nonfinite = dmd_gradient(x, x_real, x_fake, norm_eps=1e-8, return_nonfinite=True)
+    assert torch.equal(gradient, dmd_gradient(x, x_real, x_fake, norm_eps=1e-8))
+    assert torch.equal(nonfinite, torch.zeros(4, dtype=torch.int64))
+
+    x_real[1, 0, 0, 0] = float("nan")  # one NaN in the estimate: n is NaN, so all 32 entries of sample 1
+    x_fake[2, 1, :2, :] = float("inf")  # 8 entries of sample 2 are ±inf (n stays finite)
+    gradient, nonfinite = dmd_gradient(x, x_real, x_fake, return_nonfinite=True)
+    assert nonfinite.tolist() == [0, 32, 8, 0]
+    assert torch.isfinite(gradient).all()
+    assert torch.equal(gradient[[0, 3]], dmd_gradient(x, x_real, x_fake)[[0, 3]])
+    assert torch.equal(nonfinite_per_sample(torch.full((2, 3), float("-inf"))), torch.tensor([3, 3]))
 
 
 def test_identical_scores_give_no_generator_gradient():

@@ -26,7 +26,21 @@ from rdm_lightning.backbones.digits import DigitsBackbone
 from rdm_lightning.callbacks import ema as ema_module
 from rdm_lightning.callbacks.ema import GeneratorEMA
 from rdm_lightning.data.digits import DigitsDataModule
-from rdm_lightning.methods import DMD, DMDConfig, OptimizerConfig, RoleAwareAdamW, StudentConfig
+from rdm_lightning.methods import (
+    ACDMDConfig,
+    DMD,
+    DMDConfig,
+    DMDRConfig,
+    GDMDConfig,
+    GNDMConfig,
+    GRPOConfig,
+    ImportanceSamplingConfig,
+    OptimizerConfig,
+    RoleAwareAdamW,
+    RTDMDConfig,
+    StudentConfig,
+    TeacherSamplingConfig,
+)
 from rdm_lightning.methods.base import TRAINABLE_ROLES
 
 
@@ -217,7 +231,7 @@ def test_fresh_module_has_zero_dmd_gradient(tiny_digits_teacher):
     level = module.student_levels()[0].reshape(1).expand(len(PROMPTS))
     with module.trainable_role("generator"):
         x0 = backbone.predict_x0(module.generator, noise, level, cond)
-        loss, gradient = module.distribution_matching_loss(x0, cond, uncond)
+        loss, gradient, _ = module.distribution_matching_loss(x0, cond, uncond)
         loss.backward()
     assert gradient.abs().max().item() <= 1e-6
     grads = [p.grad for p in module.generator.parameters()]
@@ -228,7 +242,7 @@ def test_fresh_module_has_zero_dmd_gradient(tiny_digits_teacher):
 
     # Control: with CFG on the real score the same set-up gives a non-zero g.
     module.dmd.guidance_scale = 3.0
-    _, gradient = module.distribution_matching_loss(x0.detach(), cond, uncond)
+    _, gradient, _ = module.distribution_matching_loss(x0.detach(), cond, uncond)
     assert gradient.abs().max().item() > 1e-3
 
 
@@ -348,6 +362,79 @@ def test_inf_fake_score_loss_names_role_and_iteration(tiny_digits_teacher, monke
     monkeypatch.setattr(module, "fake_score_loss", loss_inf_at_3)
     with pytest.raises(FloatingPointError, match=r"fake_score loss is inf at iteration 3 \(generator update 2\)"):
         make_trainer(max_steps=20).fit(module, DigitsDataModule(batch_size=16))
+
+
+def nan_real_score(module: DMD, samples: slice):
+    """``module.real_x0`` with NaN in ``samples`` of every estimate, as an overflowing CFG scale gives."""
+    real_x0 = module.real_x0
+
+    def patched(*args, **kwargs):
+        x0 = real_x0(*args, **kwargs).clone()
+        x0[samples] = float("nan")
+        return x0
+
+    return patched
+
+
+def test_partly_nonfinite_dmd_gradient_is_counted_and_trains_on(tiny_digits_teacher, monkeypatch):
+    """NaN estimates of 1 sample of 4: its 64 entries are replaced (counted in the log), the others train."""
+    module = make_module(tiny_digits_teacher)
+    cond, uncond = module.backbone.encode_prompts(PROMPTS), module.backbone.empty_conditioning(len(PROMPTS))
+    x0 = torch.rand(len(PROMPTS), *module.backbone.latent_shape) * 2 - 1
+    _, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    assert logs["train/dmd_grad_nonfinite"].item() == 0.0
+    monkeypatch.setattr(module, "real_x0", nan_real_score(module, slice(0, 1)))
+    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    assert logs["train/dmd_grad_nonfinite"].item() == x0[0].numel() and torch.isfinite(loss)
+
+
+def test_all_nonfinite_dmd_gradient_stops_the_run(tiny_digits_teacher, monkeypatch):
+    """A batch whose every sample has a non-finite DMD gradient would train on nothing: FloatingPointError."""
+    module = make_module(tiny_digits_teacher, ratio=2)
+    monkeypatch.setattr(module, "real_x0", nan_real_score(module, slice(None)))
+    entries = 16 * math.prod(module.backbone.latent_shape)
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"the DMD gradient is non-finite in every sample of the batch \({entries} entries replaced\) "
+        r"at iteration 0 \(generator update 0\); stopping the run",
+    ):
+        make_trainer(max_steps=4).fit(module, DigitsDataModule(batch_size=16))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        (DMDConfig, "guidance_scale"), (DMDConfig, "norm_eps"), (DMDConfig, "gan_generator_weight"),
+        (DMDConfig, "gan_discriminator_weight"), (TeacherSamplingConfig, "guidance_scale"),
+        (OptimizerConfig, "lr"), (OptimizerConfig, "weight_decay"), (OptimizerConfig, "grad_clip"),
+        (DMDRConfig, "reward_hinge"), (DMDRConfig, "guidance_jitter"), (DMDRConfig, "fake_lora_scale"),
+        (DMDRConfig, "dynadg_scale"), (GNDMConfig, "adv_kappa"), (GNDMConfig, "lambda_path"),
+        (ImportanceSamplingConfig, "noise_level"), (GDMDConfig, "eta"), (GDMDConfig, "kappa"),
+        (GDMDConfig, "w_max"), (GDMDConfig, "b2_weight"), (GRPOConfig, "advantage_clip"),
+        (ACDMDConfig, "consistency_weight"), (ACDMDConfig, "lora_alpha"), (RTDMDConfig, "advantage_clip"),
+        (RTDMDConfig, "backprop_hinge"),
+    ],
+)
+def test_nonfinite_settings_are_rejected_naming_the_field(config, field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be a finite number.*got {value}"):
+        config(**{field: value})
+
+
+@pytest.mark.parametrize("config", [DMDRConfig, GDMDConfig])
+def test_nonfinite_reward_weights_are_rejected(config):
+    with pytest.raises(ValueError, match=r"reward_weights\['pick'\] must be a finite number, got nan"):
+        config(reward_weights={"pick": math.nan})
+
+
+def test_cfg_scales_beyond_float32_are_rejected():
+    """1e39 is a finite float64 but inf in float32, where predict_x0 combines the CFG branches."""
+    for config in (DMDConfig, TeacherSamplingConfig):
+        with pytest.raises(ValueError, match=r"guidance_scale must be a finite number of magnitude <= 3.403e\+38 .*1e\+39"):
+            config(guidance_scale=1e39)
+        config(guidance_scale=-3e38)
+    with pytest.raises(ValueError, match="levels must be a finite number, got nan"):
+        StudentConfig(num_steps=1, levels=[math.nan])
 
 
 # ---- 6: bad configuration -------------------------------------------------------------------------

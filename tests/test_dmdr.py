@@ -82,7 +82,7 @@ def test_cold_start_calls_no_reward_and_loss_is_dm_check_5(tiny_digits_teacher):
     state = module.rng.get_state()
     loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
     module.rng.set_state(state)
-    dm_loss, _ = module.distribution_matching_loss(x0, cond, uncond)
+    dm_loss, _, _ = module.distribution_matching_loss(x0, cond, uncond)
     assert module.rewards.terms[0].reward.calls == 0
     assert torch.equal(loss, dm_loss) and not any(k.startswith("reward/") for k in logs)
 
@@ -95,7 +95,7 @@ def test_after_cold_start_the_hinge_term_is_added(tiny_digits_teacher):
     state = module.rng.get_state()
     loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
     module.rng.set_state(state)
-    dm_loss, _ = module.distribution_matching_loss(x0, cond, uncond)
+    dm_loss, _, _ = module.distribution_matching_loss(x0, cond, uncond)
     reward = module.rewards.terms[0].reward
     expected = dm_loss + hinge_reward_loss(reward.score(module.backbone.decode(x0), PROMPTS), 0.5, 0.7)
     torch.testing.assert_close(loss, expected)

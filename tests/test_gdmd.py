@@ -99,7 +99,7 @@ def loss_and_direction(module: GDMD, x0, cond, uncond):
     loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
     (grad,) = torch.autograd.grad(loss, x0)
     module.rng.set_state(state)
-    dm_loss, gradient = module.distribution_matching_loss(x0, cond, uncond)
+    dm_loss, gradient, _ = module.distribution_matching_loss(x0, cond, uncond)
     (dm_grad,) = torch.autograd.grad(dm_loss, x0)
     return loss, grad, logs, dm_loss, dm_grad, gradient
 
@@ -181,7 +181,7 @@ def test_group_mean_normaliser_rescales_each_sample_by_its_share(tiny_digits_tea
     module = make_gdmd(tiny_digits_teacher, normalizer="group_mean")
     x0, cond, uncond = inputs(module)
     x0_real, x0_fake, _ = module.dm_estimates(x0, cond, uncond)
-    group_gradient = module.dm_gradient(x0, x0_real, x0_fake)
+    group_gradient, _ = module.dm_gradient(x0, x0_real, x0_fake)
     sample_gradient = dmd_gradient(x0, x0_real, x0_fake, module.dmd.norm_eps)
     mask = sample_gradient.abs() > 1e-6
     ratio = torch.where(mask, group_gradient / torch.where(mask, sample_gradient, 1.0), float("nan"))

@@ -52,6 +52,17 @@ def test_group_mean_normalizer_closed_form():
     assert n.shape == (4, 1, 1, 1) and n.flatten().tolist() == [2.0, 2.0, 4.0, 4.0]
 
 
+def test_group_gradient_counts_the_entries_it_replaced():
+    """A NaN in one sample makes its group's mean normaliser NaN: every entry of that group is replaced."""
+    x, real, fake = torch.randn(3, 4, 1, 5, 5).unbind(0)
+    gradient, nonfinite = group_dmd_gradient(x, real, fake, 2, return_nonfinite=True)
+    assert torch.equal(gradient, group_dmd_gradient(x, real, fake, 2)) and nonfinite.tolist() == [0, 0, 0, 0]
+    real[1, 0, 2, 2] = float("nan")
+    gradient, nonfinite = group_dmd_gradient(x, real, fake, 2, return_nonfinite=True)
+    assert nonfinite.tolist() == [25, 25, 0, 0]
+    assert torch.equal(gradient[:2], torch.zeros_like(gradient[:2]))
+
+
 def test_gradient_norms_keep_relative_magnitudes_in_a_group_check_2():
     x, real, fake = torch.randn(3, 4, 1, 6, 6).unbind(0)
     fake = real + torch.tensor([0.1, 1.0, 3.0, 0.5]).view(4, 1, 1, 1) * (fake - real)
@@ -143,7 +154,7 @@ def test_gndm_with_group_size_one_reproduces_dmd_check_1(tiny_digits_teacher):
     module.rng.manual_seed(0)
     x = x0.clone().requires_grad_()
     cond, uncond = module.backbone.encode_prompts(PROMPTS), module.backbone.empty_conditioning(8)
-    dmd_value, _ = DMD.distribution_matching_loss(module, x, cond, uncond)
+    dmd_value, _, _ = DMD.distribution_matching_loss(module, x, cond, uncond)
     dmd_value.backward()
     torch.testing.assert_close(loss, dmd_value.detach())
     torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-12)

@@ -131,7 +131,7 @@ def test_at_init_real_and_fake_are_the_teacher_and_g_is_zero_check_3(tiny_digits
     assert calls == [module.fake_score] * 3  # the LoRA'd copy really ran (at s_r0, then at 2.0)
     del module.teacher_x0
     x0_real, x0_fake, scale = module.dm_estimates(x, cond, uncond, guidance_scale=1.0)
-    gradient = module.dm_gradient(x, x0_real, x0_fake)
+    gradient, _ = module.dm_gradient(x, x0_real, x0_fake)
     assert scale == 1.0 and torch.equal(gradient, torch.zeros_like(gradient))
 
 

@@ -71,7 +71,7 @@ def test_dm_level_range_and_norm_eps_reach_the_dmd_gradient(tiny_digits_teacher,
     teacher_x0 = model.teacher_x0
     monkeypatch.setattr(model, "teacher_x0", lambda x, t, *a, **k: levels.append(t) or teacher_x0(x, t, *a, **k))
     gradient = dmd_module.dmd_gradient
-    monkeypatch.setattr(dmd_module, "dmd_gradient", lambda x, r, f, eps: epsilons.append(eps) or gradient(x, r, f, eps))
+    monkeypatch.setattr(dmd_module, "dmd_gradient", lambda x, r, f, eps, **k: epsilons.append(eps) or gradient(x, r, f, eps, **k))
     cond = model.backbone.encode_prompts(PROMPTS)
     model.distribution_matching_loss(torch.randn(2, 1, 8, 8), cond, model.backbone.empty_conditioning(2))
     assert torch.allclose(levels[0].double(), torch.full((2,), 0.5, dtype=torch.float64))

@@ -308,7 +308,7 @@ def test_dmdr_trains_on_the_srpo_reward_through_its_hinge(clip_reward, tiny_digi
     state = module.rng.get_state()
     loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": prompts})
     module.rng.set_state(state)
-    dm_loss, _ = module.distribution_matching_loss(x0, cond, uncond)
+    dm_loss, _, _ = module.distribution_matching_loss(x0, cond, uncond)
     hinge = hinge_reward_loss(srpo.score(module.backbone.decode(x0), prompts, with_grad=True), 0.5, 0.7)
     torch.testing.assert_close(loss, dm_loss + hinge)
     assert "reward/srpo" in logs

@@ -299,6 +299,10 @@ def test_consistency_loss_basics():
     bad = h.clone()
     bad[0, 0, 0] = float("nan")
     assert consistency_loss(h, bad, h1).item() == 0.0
+    loss, nonfinite = consistency_loss(h, bad, h1, return_nonfinite=True)
+    assert loss.item() == 0.0 and nonfinite.tolist() == [1, 0]
+    loss, nonfinite = consistency_loss(h0, h1, h1, return_nonfinite=True)
+    assert torch.equal(loss, consistency_loss(h0, h1, h1)) and nonfinite.tolist() == [0, 0]
     with pytest.raises(ValueError, match="shapes differ"):
         consistency_loss(h, h[:1], h)
 

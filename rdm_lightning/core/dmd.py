@@ -22,10 +22,23 @@ def dmd_normalizer(x: Tensor, x0_real: Tensor, eps: float = 0.0) -> Tensor:
     return (x - x0_real).abs().mean(dim=dims, keepdim=True) + eps
 
 
-def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, norm_eps: float = 0.0) -> Tensor:
-    """``g = nan_to_num((x̂_fake − x̂_real) / n)``, computed without gradient."""
+def nonfinite_per_sample(values: Tensor) -> Tensor:
+    """``[B]``: how many entries of each sample of ``values`` (``[B, ...]``) are NaN or ±inf."""
+    return (~torch.isfinite(values)).reshape(len(values), -1).sum(dim=1)
+
+
+def dmd_gradient(
+    x: Tensor, x0_real: Tensor, x0_fake: Tensor, norm_eps: float = 0.0, return_nonfinite: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``g = nan_to_num((x̂_fake − x̂_real) / n)``, computed without gradient.
+
+    ``nan_to_num`` turns NaN into 0 and ±inf into the dtype's extremes. With ``return_nonfinite``:
+    ``(g, nonfinite)``, ``nonfinite`` the ``[B]`` count of each sample's entries it replaced.
+    """
     with torch.no_grad():
-        return torch.nan_to_num((x0_fake - x0_real) / dmd_normalizer(x, x0_real, norm_eps))
+        quotient = (x0_fake - x0_real) / dmd_normalizer(x, x0_real, norm_eps)
+        gradient = torch.nan_to_num(quotient)
+        return (gradient, nonfinite_per_sample(quotient)) if return_nonfinite else gradient
 
 
 def dmd_loss(x: Tensor, gradient: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rdm_lightning.core.advantages import check_group_size
-from rdm_lightning.core.dmd import dmd_normalizer
+from rdm_lightning.core.dmd import dmd_normalizer, nonfinite_per_sample
 
 
 def _per_sample_mean(values: Tensor) -> Tensor:
@@ -46,15 +46,20 @@ def group_mean_normalizer(x: Tensor, x0_real: Tensor, group_size: int, eps: floa
     return (_group_mean(per_sample, group_size) + eps).view(-1, *([1] * (x.ndim - 1)))
 
 
-def group_dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
+def group_dmd_gradient(
+    x: Tensor, x0_real: Tensor, x0_fake: Tensor, group_size: int, eps: float = 1e-8, return_nonfinite: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """GNDM-A1 ``g_i = nan_to_num((x̂_f,i − x̂_r,i) / (n̄ + ε))``, computed without gradient.
 
     Unlike per-sample DMD, samples of one group keep their relative magnitudes
     (``‖g_i‖/‖g_j‖ = ‖d_i‖/‖d_j‖``); K = 1, or equal ``n_i`` within every
-    group, gives the DMD gradient (``gndm.md`` acceptance checks 1–2).
+    group, gives the DMD gradient (``gndm.md`` acceptance checks 1–2). With
+    ``return_nonfinite``: ``(g, nonfinite)``, as :func:`~rdm_lightning.core.dmd.dmd_gradient`.
     """
     with torch.no_grad():
-        return torch.nan_to_num((x0_fake - x0_real) / group_mean_normalizer(x, x0_real, group_size, eps))
+        quotient = (x0_fake - x0_real) / group_mean_normalizer(x, x0_real, group_size, eps)
+        gradient = torch.nan_to_num(quotient)
+        return (gradient, nonfinite_per_sample(quotient)) if return_nonfinite else gradient
 
 
 def center_gradient(gradient: Tensor, group_size: int) -> Tensor:

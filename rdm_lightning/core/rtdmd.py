@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rdm_lightning.core.advantages import ADVANTAGE_EPS, combine_weighted, normalize_per_reward
+from rdm_lightning.core.dmd import nonfinite_per_sample
 from rdm_lightning.core.schedules import _per_sample
 from rdm_lightning.core.stochastic import StepResult, cps_step
 
@@ -323,7 +324,7 @@ def consistency_transitions(
     return first, second
 
 
-def consistency_loss(h0: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
+def consistency_loss(h0: Tensor, h1: Tensor, h2: Tensor, return_nonfinite: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``L_cons = mean[(h1 − h0)⊙(h2 − h0)]`` (``rtdmd.md`` §3 step 5), γ = 0.01 in ``L_F``.
 
     The caller makes three fake-score forward passes, all with gradient:
@@ -336,13 +337,17 @@ def consistency_loss(h0: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
 
     With x′_1, x′_2 i.i.d. given x_r, ``E[(h1 − h0)(h2 − h0)] = (E[h(x′)|x_r] − h0)²``
     elementwise: an unbiased estimate of ``‖E[h(x′)|x_r] − h(x_r)‖²/N``, where ``mean((h1 − h0)²)``
-    would add Var(h(x′)). Non-finite values give 0, as in the reference.
+    would add Var(h(x′)). A non-finite mean gives 0, as in the reference. With ``return_nonfinite``:
+    ``(L_cons, nonfinite)``, ``nonfinite`` the ``[B]`` count of each sample's non-finite products
+    (any one of which zeroes the whole term).
     """
     if not h0.shape == h1.shape == h2.shape:
         raise ValueError(f"h0, h1, h2 shapes differ: {tuple(h0.shape)}, {tuple(h1.shape)}, {tuple(h2.shape)}")
     dtype = _compute_dtype(h0)
     h0, h1, h2 = h0.to(dtype), h1.to(dtype), h2.to(dtype)
-    return torch.nan_to_num(((h1 - h0) * (h2 - h0)).mean(), nan=0.0, posinf=0.0, neginf=0.0)
+    product = (h1 - h0) * (h2 - h0)
+    loss = torch.nan_to_num(product.mean(), nan=0.0, posinf=0.0, neginf=0.0)
+    return (loss, nonfinite_per_sample(product.detach())) if return_nonfinite else loss
 
 
 # ----------------------------------------------------------------------------------------------

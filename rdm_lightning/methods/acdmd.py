@@ -79,7 +79,7 @@ from rdm_lightning.core.rtdmd import (
     sample_renoise_sigma,
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 from rdm_lightning.methods.lora import add_lora, lora_parameters
@@ -118,6 +118,8 @@ class ACDMDConfig:
     def __post_init__(self):
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"acdmd.eta must lie in [0, 1], got {self.eta}")
+        for name in ("consistency_weight", "adsm_weight_cap", "lora_alpha"):
+            check_finite(f"acdmd.{name}", getattr(self, name))
         if self.consistency_weight < 0:
             raise ValueError(f"acdmd.consistency_weight must be >= 0, got {self.consistency_weight}")
         if int(self.consistency_max_delta) != self.consistency_max_delta or self.consistency_max_delta < 1:
@@ -334,11 +336,12 @@ class ACDMD(DMD):
         """``(L_G, g, logs)`` for boundary samples ``x_s`` (with grad): ``∂L_G/∂x_s = g/N`` (float64)."""
         x_detached = x_s.detach()
         xs_real, xs_fake, sigma_r = self.boundary_estimates(x_detached, sigma_s, cond, uncond)
-        gradient = self.dm_gradient(x_detached, xs_real, xs_fake)
+        gradient, replaced = self.dm_gradient(x_detached, xs_real, xs_fake)
         loss = acdmd_generator_loss(x_s, gradient)
         logs = {
             "train/loss_dm": loss.detach().float(),
             "train/dmd_grad_abs": gradient.abs().mean(),
+            "train/dmd_grad_nonfinite": replaced,
             "train/renoise_t": (NUM_TRAIN_TIMESTEPS * sigma_r).mean().float(),
         }
         return loss, gradient, logs
@@ -352,16 +355,20 @@ class ACDMD(DMD):
         return loss, logs
 
     # ---- the fake-score loss (rtdmd.md §3) ------------------------------------------------
-    def consistency_term(self, x_r: Tensor, sigma_r: Tensor, v_r: Tensor, h0: Tensor, cond: Conditioning) -> Tensor:
-        """``L_cons = mean[(h1 − h0)⊙(h2 − h0)]``: two no-grad CPS transitions x_r → σ′ with sg(v_r),
-        then ``h_i = x′_i − σ′·v_φ(x′_i, t′)`` (the fake x̂0 at x′_i, with grad). Draw order: Δ, then
-        the two transitions' noise."""
+    def consistency_term(
+        self, x_r: Tensor, sigma_r: Tensor, v_r: Tensor, h0: Tensor, cond: Conditioning
+    ) -> tuple[Tensor, Tensor]:
+        """``(L_cons, replaced)``: ``L_cons = mean[(h1 − h0)⊙(h2 − h0)]`` from two no-grad CPS transitions
+        x_r → σ′ with sg(v_r), then ``h_i = x′_i − σ′·v_φ(x′_i, t′)`` (the fake x̂0 at x′_i, with grad),
+        and how many products were non-finite (any one zeroes L_cons; all samples stop the run).
+        Draw order: Δ, then the two transitions' noise."""
         sigma_prime = self.consistency_prime(sigma_r)
         x1, x2 = consistency_transitions(x_r, v_r.detach(), sigma_r, sigma_prime, self.acdmd.eta, generator=self.rng)
         # One batched pass for both (the fake score has no batch statistics).
         h = self.fake_x0(torch.cat([x1, x2]), torch.cat([sigma_prime, sigma_prime]), Conditioning.cat([cond, cond]))
         h1, h2 = h.chunk(2)
-        return consistency_loss(h0, h1, h2)
+        loss, nonfinite = consistency_loss(h0, h1, h2, return_nonfinite=True)
+        return loss, self.guard_nonfinite("the consistency term", nonfinite)
 
     def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_F = L_ADSM + γ·L_cons`` on the critic's boundary samples ``x0`` (= x_s, σ_s on the batch).
@@ -380,9 +387,10 @@ class ACDMD(DMD):
         loss = loss_adsm
         logs = {"train/loss_adsm": loss_adsm.detach()}
         if self.acdmd.consistency_weight > 0:
-            loss_cons = self.consistency_term(x_r, sigma_r, v_r, h0, cond)
+            loss_cons, replaced = self.consistency_term(x_r, sigma_r, v_r, h0, cond)
             loss = loss + self.acdmd.consistency_weight * loss_cons
             logs["train/loss_consistency"] = loss_cons.detach()
+            logs["train/consistency_nonfinite"] = replaced
         logs["train/loss_fake"] = loss.detach()
         return loss, logs
 

@@ -10,6 +10,7 @@ DeepSpeed, which accepts a single optimizer.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,12 +27,27 @@ from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW, role_pa
 
 TRAINABLE_ROLES = ("generator", "fake_score")
 FROZEN_PREFIXES = ("teacher.", "backbone.", "rewards.", "gold_rewards.")
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""Largest finite float32: :meth:`Backbone.predict_x0` combines the CFG branches in float32."""
 
 
 def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
     """The config check of a named option: a ValueError naming the value and what is accepted."""
     if value not in accepted:
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+
+def check_finite(name: str, value: float) -> None:
+    """The config check of a float setting: a ValueError naming the value unless it is finite (not NaN, not ±inf)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_guidance_scale(name: str, value: float) -> None:
+    """The config check of a CFG scale: finite in float32, where the branches are combined
+    (a larger scale is inf there, so every guided x̂0 would be NaN)."""
+    if not abs(value) <= FLOAT32_MAX:  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number of magnitude <= {FLOAT32_MAX:.4g} (float32), got {value!r}")
 
 
 @dataclass
@@ -49,8 +65,11 @@ class StudentConfig:
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.levels is not None and len(self.levels) != self.num_steps:
-            raise ValueError(f"levels {self.levels} must have num_steps={self.num_steps} entries")
+        if self.levels is not None:
+            if len(self.levels) != self.num_steps:
+                raise ValueError(f"levels {self.levels} must have num_steps={self.num_steps} entries")
+            for level in self.levels:
+                check_finite("levels", level)
         check_choice("step_rule", self.step_rule, STEP_RULES)
 
 
@@ -68,6 +87,7 @@ class TeacherSamplingConfig:
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        check_guidance_scale("teacher_sampling.guidance_scale", self.guidance_scale)
         check_choice("step_rule", self.step_rule, STEP_RULES)
 
 
@@ -214,13 +234,27 @@ class DistillationModule(L.LightningModule):
         inner.active_role = role
         return optimizers
 
+    def numeric_stop(self, problem: str) -> FloatingPointError:
+        """The error that stops the run on a numeric failure, naming where it happened
+        (its type lets a crash handler tell a numeric stop from other failures)."""
+        return FloatingPointError(
+            f"{problem} at iteration {self.iterations} (generator update {self.generator_updates}); stopping the run"
+        )
+
+    def guard_nonfinite(self, what: str, nonfinite: Tensor) -> Tensor:
+        """The number of non-finite entries of ``what`` that ``nan_to_num`` replaced, from ``nonfinite``,
+        the ``[B]`` count of each sample's; stops the run when every sample of the batch had one
+        (nothing of the batch would train, and the loss would look finite). A float tensor, for the log."""
+        if bool((nonfinite > 0).all()):
+            raise self.numeric_stop(
+                f"{what} is non-finite in every sample of the batch ({int(nonfinite.sum())} entries replaced)"
+            )
+        return nonfinite.sum().float()
+
     def step_role(self, role: str, loss: Tensor) -> None:
         """Backward ``loss`` into ``role`` only, clip, step its optimizer and LR schedule."""
         if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
-                f"{role} loss is {loss.detach().float().item()} at iteration {self.iterations} "
-                f"(generator update {self.generator_updates}); stopping the run"
-            )
+            raise self.numeric_stop(f"{role} loss is {loss.detach().float().item()}")
         optimizer = self._optimizer_of(role)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)

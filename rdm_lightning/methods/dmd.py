@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.dmd import dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss
 from rdm_lightning.core.sampling import backward_simulation_input
-from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.base import (
+    DistillationModule,
+    StudentConfig,
+    TeacherSamplingConfig,
+    check_finite,
+    check_guidance_scale,
+)
 from rdm_lightning.methods.optim import OptimizerConfig
 
 
@@ -46,6 +52,7 @@ class DMDConfig:
     """Train a multi-step student at a random step ``k`` (DMD2); ``False`` trains step 0 only."""
 
     def __post_init__(self):
+        check_guidance_scale("dmd.guidance_scale", self.guidance_scale)
         if self.fake_guidance_scale != 1.0:
             raise ValueError(
                 f"fake_guidance_scale={self.fake_guidance_scale}: the DMD fake score runs without CFG (1.0 only)"
@@ -56,8 +63,15 @@ class DMDConfig:
             low, high = getattr(self, name)
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high <= 1, got {(low, high)}")
+        for name in ("norm_eps", "gan_generator_weight", "gan_discriminator_weight"):
+            check_finite(f"dmd.{name}", getattr(self, name))
+        if self.norm_eps < 0:
+            raise ValueError(f"dmd.norm_eps must be >= 0, got {self.norm_eps}")
         if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0:
-            raise ValueError("GAN weights must be >= 0")
+            raise ValueError(
+                f"GAN weights must be >= 0, got gan_generator_weight={self.gan_generator_weight}, "
+                f"gan_discriminator_weight={self.gan_discriminator_weight}"
+            )
 
     @property
     def use_gan(self) -> bool:
@@ -144,15 +158,25 @@ class DMD(DistillationModule):
             x0_fake = self.fake_x0(x_noisy, level, cond)
         return x0_real, x0_fake, scale
 
-    def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-        """The DMD gradient ``g`` with the per-sample normaliser (dmd2.md §2, step 5)."""
-        return dmd_gradient(x, x0_real, x0_fake, self.dmd.norm_eps)
+    def unguarded_dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, nonfinite)``: the DMD gradient with the per-sample normaliser (dmd2.md §2, step 5) and
+        the ``[B]`` count of each sample's non-finite entries it replaced. The hook of the normaliser."""
+        return dmd_gradient(x, x0_real, x0_fake, self.dmd.norm_eps, return_nonfinite=True)
 
-    def distribution_matching_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor]:
-        """``L_DM`` of generator samples ``x0`` and the DMD gradient ``g`` (dmd2.md §2)."""
+    def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, replaced)``: the DM gradient of one draw and how many of its entries were non-finite
+        (replaced); stops the run when every sample had one (:meth:`guard_nonfinite`)."""
+        gradient, nonfinite = self.unguarded_dm_gradient(x, x0_real, x0_fake)
+        return gradient, self.guard_nonfinite("the DMD gradient", nonfinite)
+
+    def distribution_matching_loss(
+        self, x0: Tensor, cond: Conditioning, uncond: Conditioning
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(L_DM, g, replaced)`` of generator samples ``x0``: the loss, the DMD gradient (dmd2.md §2)
+        and the number of its entries that were non-finite (replaced)."""
         x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), cond, uncond)
-        gradient = self.dm_gradient(x0.detach(), x0_real, x0_fake)
-        return dmd_loss(x0, gradient), gradient
+        gradient, replaced = self.dm_gradient(x0.detach(), x0_real, x0_fake)
+        return dmd_loss(x0, gradient), gradient, replaced
 
     def discriminator_logits(self, x0: Tensor, cond: Conditioning) -> Tensor:
         """GAN head on the fake score's bottleneck at a random noise level of ``x0``."""
@@ -162,8 +186,12 @@ class DMD(DistillationModule):
 
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
         """``L_G = L_DM + w_G·gan_G`` for generator samples ``x0`` (with grad)."""
-        loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
-        logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
+        loss_dm, gradient, replaced = self.distribution_matching_loss(x0, cond, uncond)
+        logs = {
+            "train/loss_dm": loss_dm.detach(),
+            "train/dmd_grad_abs": gradient.abs().mean(),
+            "train/dmd_grad_nonfinite": replaced,
+        }
         loss = loss_dm
         if self.dmd.use_gan:
             loss_gan = gan_generator_loss(self.discriminator_logits(x0, cond))

@@ -33,7 +33,7 @@ from rdm_lightning.core.schedules_training import (
     hinge_reward_loss,
     sample_beta,
 )
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig
 from rdm_lightning.methods.lora import add_lora, lora_scale, shared_copy
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -84,6 +84,10 @@ class DMDRConfig:
                 f"cold_start_updates and dynamic_renoise_updates must be >= 0, "
                 f"got {self.cold_start_updates}, {self.dynamic_renoise_updates}"
             )
+        for name in ("reward_hinge", "guidance_jitter", "critic_lora_alpha", "fake_lora_scale", "dynadg_scale"):
+            check_finite(f"dmdr.{name}", getattr(self, name))
+        for name, weight in self.reward_weights.items():
+            check_finite(f"dmdr.reward_weights[{name!r}]", weight)
         if self.guidance_jitter < 0:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
         check_choice("critic", self.critic, CRITICS)

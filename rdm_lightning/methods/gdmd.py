@@ -48,7 +48,7 @@ from rdm_lightning.core.advantages import (
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
 from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin
@@ -120,6 +120,12 @@ class GDMDConfig:
             ("b2_scale", B2_SCALES),
         ):
             check_choice(name, getattr(self, name), accepted)
+        for name in ("eta", "temperature", "kappa", "advantage_clip", "b2_weight", "guidance_jitter"):
+            check_finite(f"gdmd.{name}", getattr(self, name))
+        if self.w_max is not None:
+            check_finite("gdmd.w_max", self.w_max)
+        for name, weight in self.reward_weights.items():
+            check_finite(f"gdmd.reward_weights[{name!r}]", weight)
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0, got {self.eta}")
         if self.temperature <= 0:
@@ -223,11 +229,13 @@ class GDMD(GRPOMixin, DMDR):
             self.generator_updates, self.dmdr.cold_start_updates, self.gdmd.b2_ramp_updates, self.gdmd.b2_weight
         )
 
-    def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-        """``g`` with the configured normaliser (``group_mean``: GNDM-A1's ``n̄ + ε_n``)."""
+    def unguarded_dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, nonfinite)`` with the configured normaliser (``group_mean``: GNDM-A1's ``n̄ + ε_n``)."""
         if self.gdmd.normalizer == "group_mean":
-            return group_dmd_gradient(x, x0_real, x0_fake, self.gdmd.group_size, self.dmd.norm_eps)
-        return super().dm_gradient(x, x0_real, x0_fake)
+            return group_dmd_gradient(
+                x, x0_real, x0_fake, self.gdmd.group_size, self.dmd.norm_eps, return_nonfinite=True
+            )
+        return super().unguarded_dm_gradient(x, x0_real, x0_fake)
 
     def sample_weights(self, target_scores: dict[str, Tensor], sample_scores: dict[str, Tensor]) -> Tensor:
         """Detached per-sample weights ``w`` ``[B]`` from the rewards of the targets and of the samples.
@@ -300,7 +308,7 @@ class GDMD(GRPOMixin, DMDR):
         ``x̃ = x − η·g`` at each final sample ``x`` (no gradient through the rewards or g)."""
         prompts = batch["prompts"]
         x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), cond, uncond)
-        gradient = self.dm_gradient(x0.detach(), x0_real, x0_fake)
+        gradient, replaced = self.dm_gradient(x0.detach(), x0_real, x0_fake)
         with torch.no_grad():
             scores = self.rewards.score_all(self.backbone.decode(x0.detach() - self.gdmd.eta * gradient), prompts)
         advantages = combine_weighted(
@@ -308,7 +316,11 @@ class GDMD(GRPOMixin, DMDR):
         )
         loss, logs = self.policy_loss(batch["trajectory"], cond, advantages)
         logs.update({f"reward/{name}/target": r.mean() for name, r in scores.items()})
-        logs.update({"train/dmd_grad_abs": gradient.abs().mean(), **self.gold_reward_logs(x0, prompts)})
+        logs.update({
+            "train/dmd_grad_abs": gradient.abs().mean(),
+            "train/dmd_grad_nonfinite": replaced,
+            **self.gold_reward_logs(x0, prompts),
+        })
         return loss, logs
 
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
@@ -317,9 +329,13 @@ class GDMD(GRPOMixin, DMDR):
         check_grouped_prompts(prompts, self.gdmd.group_size)
         if "trajectory" in batch:
             return self.grpo_generator_loss(x0, cond, uncond, batch)
-        loss_dm, gradient = self.distribution_matching_loss(x0, cond, uncond)
+        loss_dm, gradient, replaced = self.distribution_matching_loss(x0, cond, uncond)
         direction = self.gdmd.eta * gradient
-        logs = {"train/loss_dm": loss_dm.detach(), "train/dmd_grad_abs": gradient.abs().mean()}
+        logs = {
+            "train/loss_dm": loss_dm.detach(),
+            "train/dmd_grad_abs": gradient.abs().mean(),
+            "train/dmd_grad_nonfinite": replaced,
+        }
         sample_images = None
         if self.in_cold_start():
             # No reward model runs during the cold start (gdmd.md §2.5).

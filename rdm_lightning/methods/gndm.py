@@ -50,7 +50,7 @@ from rdm_lightning.core.group_dmd import (
 from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin, flow_velocity, require_flow
@@ -119,6 +119,8 @@ class GNDMConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.rdm_draws < 1:
             raise ValueError(f"rdm_draws must be >= 1, got {self.rdm_draws}")
+        for name in ("adv_kappa", "adv_clip", "lambda_path"):
+            check_finite(f"gndm.{name}", getattr(self, name))
         if self.adv_kappa < 0 or self.adv_clip <= 0:
             raise ValueError(f"need adv_kappa >= 0 and adv_clip > 0, got {self.adv_kappa}, {self.adv_clip}")
         if self.lambda_path < 0:
@@ -157,6 +159,7 @@ class ImportanceSamplingConfig:
             check_choice(f"importance_sampling.{name}", value, accepted)
         if self.reuses < 1:
             raise ValueError(f"importance_sampling.reuses must be >= 1, got {self.reuses}")
+        check_finite("importance_sampling.noise_level", self.noise_level)
         if not 0 < self.eta <= 1 or self.noise_level <= 0:
             raise ValueError(f"need 0 < eta <= 1 and noise_level > 0, got eta={self.eta}, noise_level={self.noise_level}")
         if self.clip_range is not None and not 0 <= self.clip_range < 1:
@@ -284,14 +287,17 @@ class GNDM(GRPOMixin, DMDR):
         check_group_size(n, self.gndm.group_size)
         return super().dm_levels(n // self.gndm.group_size).repeat_interleave(self.gndm.group_size)
 
-    def dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-        """g of one draw under the configured normaliser (A1 group mean, or DMD's per sample)."""
+    def unguarded_dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, nonfinite)`` of one draw under the configured normaliser (A1 group mean, or DMD's per sample)."""
         if self.gndm.normalizer == "group_mean":
-            return group_dmd_gradient(x, x0_real, x0_fake, self.gndm.group_size, self.dmd.norm_eps)
-        return super().dm_gradient(x, x0_real, x0_fake)
+            return group_dmd_gradient(
+                x, x0_real, x0_fake, self.gndm.group_size, self.dmd.norm_eps, return_nonfinite=True
+            )
+        return super().unguarded_dm_gradient(x, x0_real, x0_fake)
 
-    def dm_direction(self, x: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor]:
-        """``(g, r)``: the DM direction of the first draw and the per-sample R_dm scalar ``[B]``.
+    def dm_direction(self, x: Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[Tensor, Tensor, Tensor]:
+        """``(g, r, replaced)``: the DM direction of the first draw, the per-sample R_dm scalar ``[B]``
+        and the number of non-finite entries replaced over every draw (each draw is guarded).
 
         r averages ``rdm_draws`` draws only when it weights the loss or is the GRPO reward; for logging alone
         the first draw is enough and saves the extra teacher and critic passes.
@@ -303,7 +309,7 @@ class GNDM(GRPOMixin, DMDR):
             x0_real, x0_fake, _ = self.dm_estimates(x, cond, uncond, scale)
             reals.append(x0_real)
             fakes.append(x0_fake)
-        gradients = [self.dm_gradient(x, real, fake) for real, fake in zip(reals, fakes)]
+        gradients, replaced = zip(*(self.dm_gradient(x, real, fake) for real, fake in zip(reals, fakes)))
         if self.gndm.rdm_scalar == "mismatch":
             rdm = mismatch_scalar(gradients)
         else:
@@ -311,7 +317,7 @@ class GNDM(GRPOMixin, DMDR):
         gradient = gradients[0]
         if self.gndm.center_gradient:
             gradient = center_gradient(gradient, self.gndm.group_size)
-        return gradient, rdm
+        return gradient, rdm, sum(replaced)
 
     # ---- the generator loss -----------------------------------------------------------------
     def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
@@ -321,8 +327,12 @@ class GNDM(GRPOMixin, DMDR):
         check_grouped_prompts(prompts, group_size)
         if self.gndm.mode == "grpo":
             return self.grpo_generator_loss(x0, cond, uncond, prompts, batch["trajectory"])
-        gradient, rdm = self.dm_direction(x0.detach(), cond, uncond)
-        logs = {"train/rdm_scalar": rdm.mean(), "train/dmd_grad_abs": gradient.abs().mean()}
+        gradient, rdm, replaced = self.dm_direction(x0.detach(), cond, uncond)
+        logs = {
+            "train/rdm_scalar": rdm.mean(),
+            "train/dmd_grad_abs": gradient.abs().mean(),
+            "train/dmd_grad_nonfinite": replaced,
+        }
         # Â^m and ω_m of every term of the weights; R_dm's own when adv_weighting is on.
         advantages: dict[str, Tensor] = {}
         omegas: dict[str, float] = {}
@@ -382,7 +392,7 @@ class GNDM(GRPOMixin, DMDR):
         ``x0`` is the generator's prediction at the rollout's last input: its final sample, with grad.
         """
         group_size = self.gndm.group_size
-        gradient, rdm = self.dm_direction(x0.detach(), cond, uncond)
+        gradient, rdm, replaced = self.dm_direction(x0.detach(), cond, uncond)
         scores, omegas = {DM_REWARD: rdm}, {DM_REWARD: 1.0}
         images = None
         if not self.in_cold_start() and self.rewards is not None:
@@ -391,7 +401,11 @@ class GNDM(GRPOMixin, DMDR):
             omegas.update({term.name: term.weight for term in self.reward_terms()})
         advantages = combine_weighted({name: self.policy_advantages(r, group_size) for name, r in scores.items()}, omegas)
         loss, logs = self.policy_loss(trajectory, cond, advantages)
-        logs.update({"train/rdm_scalar": rdm.mean(), "train/dmd_grad_abs": gradient.abs().mean()})
+        logs.update({
+            "train/rdm_scalar": rdm.mean(),
+            "train/dmd_grad_abs": gradient.abs().mean(),
+            "train/dmd_grad_nonfinite": replaced,
+        })
         logs.update({f"reward/{name}": r.mean() for name, r in scores.items() if name != DM_REWARD})
         if self.gndm.lambda_path > 0:
             loss_path = weighted_dmd_loss(x0, gradient)

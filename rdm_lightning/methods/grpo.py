@@ -18,7 +18,7 @@ from rdm_lightning.core.advantages import group_advantages
 from rdm_lightning.core.policy import trajectory_policy_loss
 from rdm_lightning.core.schedules import FlowSchedule
 from rdm_lightning.core.stochastic import LOG_PROBS, Trajectory, VelocityFn, stochastic_sample
-from rdm_lightning.methods.base import check_choice
+from rdm_lightning.methods.base import check_choice, check_finite
 
 ADVANTAGE_STDS = ("global", "group")
 
@@ -65,6 +65,7 @@ class GRPOConfig:
         if not 0 <= self.clip_range < 1:
             raise ValueError(f"grpo.clip_range must be in [0, 1), got {self.clip_range}")
         check_choice("grpo.advantage_std", self.advantage_std, ADVANTAGE_STDS)
+        check_finite("grpo.advantage_clip", self.advantage_clip)
         if self.advantage_clip <= 0:
             raise ValueError(f"grpo.advantage_clip must be > 0, got {self.advantage_clip}")
 

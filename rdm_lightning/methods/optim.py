@@ -1,6 +1,7 @@
 """Optimizers that know which role (generator, fake score) they update."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -24,14 +25,17 @@ class OptimizerConfig:
     """Clip the gradient norm of this role to this value; ``None`` disables clipping."""
 
     def __post_init__(self):
-        if not self.lr > 0:  # also rejects NaN
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also rejects NaN
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if not (self.weight_decay >= 0 and self.warmup_updates >= 0):
-            raise ValueError(f"weight_decay and warmup_updates must be >= 0, got {self.weight_decay}, {self.warmup_updates}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if not (0 <= self.weight_decay < math.inf and self.warmup_updates >= 0):
+            raise ValueError(
+                f"weight_decay must be a finite number >= 0 and warmup_updates >= 0, "
+                f"got {self.weight_decay}, {self.warmup_updates}"
+            )
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be a finite number > 0, or None (no clipping), got {self.grad_clip}")
 
     def warmup_factor(self, updates: int) -> float:
         """LR multiplier after ``updates`` updates of the role."""

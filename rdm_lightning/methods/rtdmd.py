@@ -76,7 +76,6 @@ Draw order in one iteration (module stream ``self.rng``): initial latents, the s
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +92,7 @@ from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import SIGMA_S_KEY, ACDMD, ACDMDConfig
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
 from rdm_lightning.methods.dmd import DMDConfig
 from rdm_lightning.methods.grpo import flow_velocity
 from rdm_lightning.methods.lora import add_lora, has_lora_entries, load_base_weights, lora_parameters, merge_lora
@@ -140,18 +139,16 @@ class RTDMDConfig:
         self.num_selected_steps = int(self.num_selected_steps)
         if not 0 <= self.clip_range < 1:
             raise ValueError(f"rtdmd.clip_range must lie in [0, 1), got {self.clip_range}")
+        for name in ("advantage_clip", "acdmd_weight", "backprop_weight", "backprop_hinge"):
+            check_finite(f"rtdmd.{name}", getattr(self, name))
         if not self.advantage_clip > 0:
             raise ValueError(f"rtdmd.advantage_clip must be > 0, got {self.advantage_clip}")
         for name in ("acdmd_weight", "backprop_weight"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"rtdmd.{name} must be a finite number >= 0, got {value}")
-        if not math.isfinite(self.backprop_hinge):
-            raise ValueError(f"rtdmd.backprop_hinge must be finite, got {self.backprop_hinge}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"rtdmd.{name} must be >= 0, got {getattr(self, name)}")
         if self.reward_weights is not None:
-            bad = {k: v for k, v in self.reward_weights.items() if not math.isfinite(v)}
-            if bad:
-                raise ValueError(f"rtdmd.reward_weights must be finite, got {bad}")
+            for name, weight in self.reward_weights.items():
+                check_finite(f"rtdmd.reward_weights[{name!r}]", weight)
             self.reward_weights = dict(self.reward_weights)
 
 
