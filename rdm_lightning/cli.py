@@ -12,15 +12,27 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+
+from rdm_lightning import runs
 
 TOOL_COMMANDS = ("sample", "evaluate", "export")
 
 
 class RDMLightningCLI(LightningCLI):
-    """LightningCLI in subclass mode for models and data; pretrains the digits teacher when needed."""
+    """LightningCLI in subclass mode for models and data; pretrains the digits teacher when needed.
+
+    ``fit`` also settles the run folder and what to resume before anything is built
+    (``docs/runs.md``): under SLURM the logger's version is ``job_<id>`` and a requeued job
+    resumes from that folder's ``checkpoints/last.ckpt``; ``--ckpt_path last`` is the newest
+    ``last.ckpt`` of the config's runs; a resumed run keeps writing into the checkpoint's
+    version folder; and the config must match the checkpoint's model settings except the
+    budget, which takes effect (Lightning would silently restore the checkpoint's instead).
+    """
 
     def __init__(self, args=None, **kwargs):
         super().__init__(
@@ -32,6 +44,42 @@ class RDMLightningCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+            return
+        config = self.config.fit
+        logger = config.trainer.get("logger")
+        logger_args = getattr(logger, "init_args", None)
+        experiment_dir = None
+        if logger_args is not None and logger_args.get("save_dir") is not None:
+            experiment_dir = Path(logger_args.save_dir) / str(logger_args.get("name") or "lightning_logs")
+        version = runs.run_version()
+        if version is not None and experiment_dir is not None:
+            logger_args.version = version
+            own_last = experiment_dir / version / "checkpoints" / runs.LAST_CHECKPOINT
+            if config.ckpt_path is None and own_last.is_file():
+                print(f"rdm: resuming SLURM job {version} from {own_last}")
+                config.ckpt_path = str(own_last)
+        if config.ckpt_path == "last":
+            if experiment_dir is None:
+                raise ValueError("--ckpt_path last needs a logger with a save_dir (the folder its runs are in)")
+            # A SLURM job resumes only its own folder (found above), never another job's.
+            config.ckpt_path = str(runs.latest_checkpoint(experiment_dir, only_version=version))
+        if config.ckpt_path is None:
+            return
+        checkpoint = Path(config.ckpt_path)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"--ckpt_path {str(checkpoint)!r} is not a file")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        runs.check_resumable(saved.get("hyper_parameters", {}), config.model.as_dict(), checkpoint)
+        if experiment_dir is not None:
+            own_version = runs.version_of_checkpoint(checkpoint, experiment_dir)
+            if own_version is not None:
+                logger_args.version = own_version
+            if "resume_step" in logger_args:
+                logger_args.resume_step = saved["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
 
     def before_fit(self) -> None:
         # The frozen teacher and backbone are in eval mode on purpose.
@@ -47,16 +95,39 @@ class RDMLightningCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``rdm`` and ``python -m rdm_lightning``; ``argv`` defaults to ``sys.argv[1:]``."""
-    command_args = sys.argv[1:] if argv is None else argv
+    """Entry point of ``rdm`` and ``python -m rdm_lightning``; ``argv`` defaults to ``sys.argv[1:]``.
+
+    A configuration or input error ends as ``rdm <command>: error: <message>`` with exit
+    status 2; with ``--debug`` or ``RDM_DEBUG=1`` it is raised with its full traceback
+    (``rdm_lightning/errors.py`` says which errors are shortened and how).
+    """
+    from rdm_lightning import errors
+    from rdm_lightning.rewards.base import register_reward_alias_parser_mode, resolve_reward_alias_args
+
+    command_args, debug = errors.split_debug_flag(sys.argv[1:] if argv is None else argv)
     if not command_args or command_args[0] in ("-h", "--help"):
         print(f"rdm also has: {', '.join(f'rdm {c}' for c in TOOL_COMMANDS)} (each with --help)\n")
-    if command_args and command_args[0] in TOOL_COMMANDS:
-        from rdm_lightning import tools
+    command = command_args[0] if command_args and not command_args[0].startswith("-") else None
+    try:
+        if command in TOOL_COMMANDS:
+            from rdm_lightning import tools
 
-        tools.main(command_args)
-    else:
-        RDMLightningCLI(args=argv)
+            tools.main(command_args)
+        else:
+            errors.check_config_comes_first(command_args)
+            cli_args = resolve_reward_alias_args(command_args)
+            if argv is None:
+                # LightningCLI reads sys.argv itself, and warns when also given args.
+                sys.argv[1:] = cli_args
+            # Parse errors are raised (not printed with the whole usage) so that they are shortened below.
+            parser_kwargs = {"exit_on_error": False, "parser_mode": register_reward_alias_parser_mode()}
+            RDMLightningCLI(args=None if argv is None else cli_args, parser_kwargs=parser_kwargs)
+    except errors.INPUT_ERRORS as error:
+        if debug or not errors.is_input_error(error):
+            raise
+        print(f"{'rdm ' + command if command else 'rdm'}: error: {errors.short_message(error)}", file=sys.stderr)
+        print(f"(for the full traceback, add {errors.DEBUG_FLAG} or set {errors.DEBUG_ENV}=1)", file=sys.stderr)
+        raise SystemExit(errors.USAGE_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from rdm_lightning.data.groups import check_loader_args, train_loader_sampling
+from rdm_lightning.data.samplers import ResumableDataLoader
 
 DIGIT_PROMPT = "a handwritten digit {label}"
 NUM_CLASSES = 10
@@ -203,10 +204,11 @@ class DigitsDataModule(L.LightningDataModule):
         """Shuffled training batches (of whole image groups) whose order depends only on ``shuffle_seed``."""
         self.setup()
         dataset = _LabelledDigits(self.split.train_images, self.split.train_labels)
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             num_workers=self.num_workers,
             collate_fn=collate_digits,
+            trainer=self.trainer,
             **train_loader_sampling(len(dataset), self.batch_size, self.group_size, self.shuffle_seed, self.trainer),
         )
 

@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from rdm_lightning.data.groups import check_loader_args, train_loader_sampling
+from rdm_lightning.data.samplers import ResumableDataLoader
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -178,10 +179,11 @@ class PromptDataModule(L.LightningDataModule):
         """Shuffled batches (of whole prompt groups) whose order depends only on ``shuffle_seed``."""
         self.setup()
         dataset = PromptDataset(self.train_prompts)
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
+            trainer=self.trainer,
             **train_loader_sampling(len(dataset), self.batch_size, self.group_size, self.shuffle_seed, self.trainer),
         )
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdm_lightning.cache import cache_dir
+from rdm_lightning.runs import run_once
 from rdm_lightning.data.digits import NUM_CLASSES, DigitsSplit, digit_from_prompt, digits_split
 from rdm_lightning.evaluation.frechet import frechet_distance, gaussian_statistics
 
@@ -164,23 +165,24 @@ def load_or_train_classifier(
     Raises:
         ValueError: the test accuracy is below 0.97.
     """
+    # Under a multi-process launch rank 0 trains while the other ranks wait for the file.
+    run_once(path.is_file, lambda: _train_and_save(path, architecture, seed, epochs), f"train the classifier {path}")
     model = architecture()
-    if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["state_dict"])
-        model.eval()
-        accuracy = float(checkpoint["test_accuracy"])
-    else:
-        model, accuracy = train_digits_classifier(
-            digits_split(), seed=seed, epochs=epochs, architecture=architecture
-        )
-        _save_atomically({"state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    accuracy = float(checkpoint["test_accuracy"])
     if accuracy < MIN_TEST_ACCURACY:
         raise ValueError(
             f"digits classifier {str(path)!r} has test accuracy {accuracy:.4f}, below the required "
             f"{MIN_TEST_ACCURACY}; delete the file to retrain, or use another seed"
         )
     return model, accuracy
+
+
+def _train_and_save(path: Path, architecture: Callable[[], nn.Module], seed: int, epochs: int) -> None:
+    model, accuracy = train_digits_classifier(digits_split(), seed=seed, epochs=epochs, architecture=architecture)
+    _save_atomically({"state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ saved, as a digits model folder that :class:`DigitsBackbone` loads.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,7 @@ from rdm_lightning.backbones.digits import (
 from rdm_lightning.core.ema import ema_update
 from rdm_lightning.core.parameterization import Prediction, training_target
 from rdm_lightning.core.schedules import _per_sample
+from rdm_lightning.runs import run_once
 
 
 class DigitsTeacherPretraining(L.LightningModule):
@@ -98,19 +100,26 @@ class DigitsTeacherPretraining(L.LightningModule):
 
 def ensure_digits_teacher(prediction: str = "flow_velocity", max_steps: int = 3000, batch_size: int = 128) -> Path:
     """The cached digits teacher for ``prediction``, trained first if it is missing."""
+    path = default_teacher_path(prediction)
+    # Under a multi-process launch rank 0 trains while the other ranks wait for the folder.
+    run_once(lambda: (path / "denoiser.safetensors").exists(), lambda: _train_digits_teacher(path, prediction, max_steps, batch_size),
+             f"train the digits teacher into {path}")
+    return path
+
+
+def _train_digits_teacher(path: Path, prediction: str, max_steps: int, batch_size: int) -> None:
     # Imported here: data is a sibling layer only this entry point needs.
     from rdm_lightning.data.digits import DigitsDataModule
 
-    path = default_teacher_path(prediction)
-    if (path / "denoiser.safetensors").exists():
-        return path
     print(f"rdm: training the digits teacher ({prediction}, {max_steps} steps) into {path}")
+    # Written under a side name and renamed, so a waiting rank or a crash never sees half a teacher.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = DigitsTeacherPretraining(DigitsConfig(prediction=prediction), output_path=str(path))
+        module = DigitsTeacherPretraining(DigitsConfig(prediction=prediction), output_path=str(partial))
         trainer = L.Trainer(
             max_steps=max_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
             accelerator="auto", devices=1,
         )
         trainer.fit(module, DigitsDataModule(batch_size=batch_size))
-    return path
+    os.replace(partial, path)
