@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningCLI
 
 from rdm_lightning import runs
@@ -70,9 +69,7 @@ class RDMLightningCLI(LightningCLI):
         if config.ckpt_path is None:
             return
         checkpoint = Path(config.ckpt_path)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--ckpt_path {str(checkpoint)!r} is not a file")
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = runs.read_checkpoint(checkpoint)
         runs.check_resumable(saved.get("hyper_parameters", {}), config.model.as_dict(), checkpoint)
         if experiment_dir is not None:
             own_version = runs.version_of_checkpoint(checkpoint, experiment_dir)
@@ -108,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     if not command_args or command_args[0] in ("-h", "--help"):
         print(f"rdm also has: {', '.join(f'rdm {c}' for c in TOOL_COMMANDS)} (each with --help)\n")
     command = command_args[0] if command_args and not command_args[0].startswith("-") else None
+    commands = (*LightningCLI.subcommands(), *TOOL_COMMANDS)
     try:
+        if command is not None and command not in commands:
+            raise ValueError(f"unknown command {command!r}; accepted: {', '.join(commands)}")
         if command in TOOL_COMMANDS:
             from rdm_lightning import tools
 
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     except errors.INPUT_ERRORS as error:
         if debug or not errors.is_input_error(error):
             raise
-        print(f"{'rdm ' + command if command else 'rdm'}: error: {errors.short_message(error)}", file=sys.stderr)
+        program = f"rdm {command}" if command in commands else "rdm"
+        print(f"{program}: error: {errors.short_message(error)}", file=sys.stderr)
         print(f"(for the full traceback, add {errors.DEBUG_FLAG} or set {errors.DEBUG_ENV}=1)", file=sys.stderr)
         raise SystemExit(errors.USAGE_EXIT_CODE) from None
 

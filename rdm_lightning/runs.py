@@ -41,6 +41,30 @@ def run_version() -> str | None:
     return f"job_{job}" if job is not None else None
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of ``path`` (on the CPU).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: naming the file, when it is not a readable checkpoint (truncated, another format).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch/zip/pickle errors never name the file
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error}); it is truncated or not "
+            "a checkpoint `rdm fit` wrote. An interrupted write leaves the previous last.ckpt whole"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'); accepted: a `rdm fit` .ckpt")
+    return checkpoint
+
+
 def latest_checkpoint(experiment_dir: Path, only_version: str | None = None) -> Path:
     """The most recently written ``<version>/checkpoints/last.ckpt`` under ``experiment_dir``.
 

@@ -32,7 +32,7 @@ def digits_config(tmp_path: Path, teacher: Path, **model_overrides) -> Path:
         "seed_everything": 0,
         "trainer": {
             "default_root_dir": str(tmp_path / "run"),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
+            "logger": {"class_path": "rdm_lightning.loggers.RunCSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
             "max_epochs": -1,
             "limit_val_batches": 0,
             "enable_progress_bar": False,
@@ -43,8 +43,7 @@ def digits_config(tmp_path: Path, teacher: Path, **model_overrides) -> Path:
                  "init_args": {"prompts": ["a handwritten digit 1", "a handwritten digit 7"], "num_per_prompt": 3, "every_n_updates": 1}},
                 {"class_path": "rdm_lightning.callbacks.DigitsEvaluation", "init_args": {"every_n_updates": 2, "num_samples": 20}},
                 {"class_path": "rdm_lightning.callbacks.TrainingCurves", "init_args": {"every_n_updates": 1}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"save_last": True, "save_top_k": 0, "every_n_epochs": 1}},
+                {"class_path": "rdm_lightning.callbacks.RunCheckpoint", "init_args": {"every_n_updates": 2}},
             ],
         },
         "model": {
@@ -225,8 +224,8 @@ def test_sd15_dmd_fit_then_export_loads_in_stock_diffusers(tmp_path):
         "seed_everything": 0,
         "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "max_epochs": -1, "limit_val_batches": 0,
                     "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+                    "callbacks": [{"class_path": "rdm_lightning.callbacks.RunCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt")}}]},
         "model": {"class_path": "rdm_lightning.methods.DMD", "init_args": {
             "backbone": {"class_path": "rdm_lightning.backbones.StableDiffusionBackbone", "init_args": {"path": str(model)}},
             "max_generator_updates": 2, "dmd": {"generator_update_ratio": 1},

@@ -88,8 +88,11 @@ class ResumableDataLoader(DataLoader):
         """``{"epoch", "batches"}``: where the training loop stands (empty outside ``fit``)."""
         if self.trainer is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+        consumed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if consumed >= len(self):
+            # A checkpoint after the epoch's last batch: Lightning resumes at the next epoch's start.
+            return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
+        return {"epoch": self.trainer.current_epoch, "batches": consumed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Make the next iteration continue epoch ``state_dict["epoch"]`` after its first ``batches``."""
