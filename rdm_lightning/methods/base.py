@@ -161,6 +161,14 @@ class DistillationModule(L.LightningModule):
                 "use --trainer.strategy=ddp_find_unused_parameters_true"
             )
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The run's progress bar: generator updates out of ``max_generator_updates``, their rate and the
+        time left (:class:`~rdm_lightning.callbacks.progress.UpdateProgressBar`), in place of Lightning's
+        per-epoch bar; a bar the trainer was given, or ``enable_progress_bar: false``, is kept."""
+        from rdm_lightning.callbacks.progress import default_progress_bar  # the callbacks import this module
+
+        return default_progress_bar(self.trainer)
+
     def on_fit_start(self) -> None:
         if self.iterations == 0:
             self.rng.manual_seed(self.seed + self.global_rank)

@@ -93,6 +93,13 @@ class DigitsTeacherPretraining(L.LightningModule):
         )
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Progress in optimizer steps out of ``max_steps``, with rate and time left
+        (:class:`~rdm_lightning.callbacks.progress.UpdateProgressBar`), here and in :func:`ensure_digits_teacher`."""
+        from rdm_lightning.callbacks.progress import default_progress_bar  # the callbacks import the methods
+
+        return default_progress_bar(self.trainer)
+
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             save_digits_model(self.output_path, self.config, self.ema["text_encoder"], self.ema["denoiser"])
