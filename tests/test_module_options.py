@@ -141,6 +141,8 @@ def test_teacher_pretraining_rejects_bad_settings():
         DigitsTeacherPretraining(prompt_dropout=1.0)
     with pytest.raises(ValueError, match="ema_decay"):
         DigitsTeacherPretraining(ema_decay=1.5)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
+        DigitsTeacherPretraining(lr=float("nan"))
 
 
 def test_generate_matches_the_core_sampler(tiny_digits_teacher):

@@ -8,6 +8,7 @@ saved, as a digits model folder that :class:`DigitsBackbone` loads.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class DigitsTeacherPretraining(L.LightningModule):
         ema_decay: float = 0.999,
     ):
         super().__init__()
+        if not 0 < lr < math.inf:  # also rejects NaN
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
         if not 0.0 <= prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout}")
         if not 0.0 <= ema_decay < 1.0:
