@@ -57,6 +57,8 @@ class RDMLightningCLI(LightningCLI):
         version = runs.run_version()
         if version is not None and experiment_dir is not None:
             logger_args.version = version
+            # Lightning resumes a SLURM job from any hpc_ckpt_*.ckpt in default_root_dir: the job's own folder has none.
+            config.trainer.default_root_dir = str(experiment_dir / version)
             own_last = experiment_dir / version / "checkpoints" / runs.LAST_CHECKPOINT
             if config.ckpt_path is None and own_last.is_file():
                 print(f"rdm: resuming SLURM job {version} from {own_last}")

@@ -179,7 +179,10 @@ def test_a_new_slurm_job_never_resumes_another_jobs_checkpoint(tmp_path, tiny_di
     config = fit_config(tmp_path, tiny_digits_teacher, max_generator_updates=2)
     for name, value in FAKE_SLURM.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
     fit_in_process(config)
+    # A stale Lightning hpc checkpoint in the working directory is not picked up either.
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes((tmp_path / "run" / "job_4242" / "checkpoints" / "last.ckpt").read_bytes())
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     fit_in_process(config, "--model.init_args.max_generator_updates=1")
     first, second = (load(tmp_path / "run" / f"job_{j}" / "checkpoints" / "last.ckpt") for j in (4242, 4243))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -86,6 +87,8 @@ class RunCheckpoint(Checkpoint):
         self._stopping: RunInterrupted | None = None
         self._previous_handlers: dict[int, object] = {}
         self._batch_start: tuple[dict, object] | None = None
+        self.saves = 0
+        self.seconds_saving = 0.0
 
     # ---- where -----------------------------------------------------------------------------
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
@@ -96,6 +99,7 @@ class RunCheckpoint(Checkpoint):
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         """Write ``last.ckpt`` atomically (every rank takes part, as sharded strategies need)."""
+        start = time.perf_counter()
         path = self.last_path(trainer)
         partial = path.with_name(f"{path.name}.partial")
         trainer.save_checkpoint(partial)
@@ -104,6 +108,8 @@ class RunCheckpoint(Checkpoint):
             _replace(partial, path)
         trainer.strategy.barrier("RunCheckpoint.replace")
         self.saved_at = progress_count(trainer, pl_module)
+        self.saves += 1
+        self.seconds_saving += time.perf_counter() - start
         return path
 
     # ---- signals -----------------------------------------------------------------------------
@@ -160,6 +166,9 @@ class RunCheckpoint(Checkpoint):
             raise self._stopping
         if progress_count(trainer, pl_module) != self.saved_at:
             self.save(trainer, pl_module)
+        # The cost of checkpointing, for choosing every_n_updates (README: "Runs, crashes and clusters").
+        size = _size_bytes(self.last_path(trainer)) / 2**20 if trainer.is_global_zero else 0.0
+        rank_zero_info(f"rdm: {self.saves} checkpoints of {size:.1f} MiB written in {self.seconds_saving:.1f} s")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, FloatingPointError):
@@ -203,6 +212,11 @@ def _before_running_batch(trainer: L.Trainer) -> Iterator[None]:
     finally:
         for c, (ready, started) in zip(counters, saved):
             c.ready, c.started = ready, started
+
+
+def _size_bytes(path: Path) -> int:
+    """Bytes of a checkpoint file, or of all files of a checkpoint folder."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _replace(partial: Path, path: Path) -> None:

@@ -96,6 +96,14 @@ class DigitsEvaluation(L.Callback):
         if self.evaluate_teacher:
             report["teacher"] = evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed, role="teacher")
         report["history"] = self.history
+        self._write(trainer, report)
+
+    def on_exception(self, trainer, pl_module: DistillationModule, exception: BaseException) -> None:
+        """A stopped run (signal, numeric stop, crash) still writes the evaluations it made, without a final one."""
+        if trainer.is_global_zero:
+            self._write(trainer, {"history": self.history, "stopped": f"{type(exception).__name__}: {exception}"})
+
+    def _write(self, trainer: L.Trainer, report: dict) -> None:
         path = run_dir(trainer) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
