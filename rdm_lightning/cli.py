@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
             tools.main(command_args)
         else:
-            errors.check_config_comes_first(command_args)
+            errors.check_config_args(command_args)
             cli_args = resolve_reward_alias_args(command_args)
             if argv is None:
                 # LightningCLI reads sys.argv itself, and warns when also given args.

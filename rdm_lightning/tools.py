@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from rdm_lightning.data.prompts import load_prompts
@@ -16,31 +19,82 @@ from rdm_lightning.evaluation.grid import save_image_grid
 from rdm_lightning.methods.lora import merged_copy
 
 
+# np.load's errors for a file that is not an .npz archive, or a damaged one.
+_UNREADABLE_NPZ = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile)
+# The seeds a torch.Generator takes.
+_SEED_RANGE = (-(2**63), 2**64)
+
+
+def _first_sentence(error: BaseException) -> str:
+    """What failed, without the advice numpy appends (to unpickle a file it cannot vouch for)."""
+    return str(error).split(". ")[0].rstrip(".")
+
+
 def load_module(checkpoint: str | Path):
-    """The LightningModule saved in ``checkpoint`` (a ``rdm fit`` checkpoint), in eval mode."""
+    """The LightningModule saved in ``checkpoint`` (a ``rdm fit`` checkpoint), in eval mode.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is not a file.
+        ValueError: the file is not a readable ``rdm fit`` checkpoint (e.g. truncated), or names
+            a module class that cannot be imported.
+    """
     import lightning as L
 
-    from rdm_lightning.backbones.base import require_path
+    from rdm_lightning.runs import read_checkpoint
 
-    path = require_path(checkpoint, "checkpoint")
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    class_path = hparams.get("_class_path")
+    path = Path(checkpoint).expanduser()
+    class_path = read_checkpoint(path).get("hyper_parameters", {}).get("_class_path")
     if class_path is None:
         raise ValueError(f"checkpoint {str(path)!r} was not written by `rdm fit` (no '_class_path' in its hyperparameters)")
     module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
-    if not issubclass(cls, L.LightningModule):
+    try:
+        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {class_path}, which cannot be imported: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
         raise TypeError(f"{class_path} in {str(path)!r} is not a LightningModule")
     return cls.load_from_checkpoint(path, map_location="cpu").eval()
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
-    base = load_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+def check_output_folder(output: str | Path, *, overwrite: bool = True) -> Path:
+    """``output`` as a Path, or an error: it is a file, or (unless ``overwrite``) a non-empty folder."""
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {str(output)!r} is a file; give a folder to write into")
+    if not overwrite and output.is_dir() and any(output.iterdir()):
+        raise FileExistsError(
+            f"--output {str(output)!r} is a non-empty folder; give a new or empty folder, "
+            f"or add --overwrite to write into it (files of the same name are replaced)"
+        )
+    return output
+
+
+def checked_sample_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts to sample (each repeated ``--num-per-prompt`` times), after checking every
+    ``rdm sample`` argument that needs no checkpoint, so that a bad one fails before it is loaded.
+
+    Raises:
+        FileNotFoundError, FileExistsError: a missing prompts file, or an ``--output`` that is a file.
+        ValueError: an empty prompt or prompts file, a seed torch refuses, or ``--guidance``
+            without ``--role teacher``.
+    """
+    check_output_folder(args.output)
+    if args.guidance is not None and args.role != "teacher":
+        raise ValueError("--guidance applies to --role teacher only: the student samples without CFG")
+    if not _SEED_RANGE[0] <= args.seed < _SEED_RANGE[1]:
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    if args.prompts_file is not None:
+        base = load_prompts(args.prompts_file)
+    elif args.prompt.strip():
+        base = [args.prompt]
+    else:
+        raise ValueError("--prompt must be a non-empty prompt, got an empty string")
     return [p for p in base for _ in range(args.num_per_prompt)]
 
 
 def sample(args: argparse.Namespace) -> Path:
     """Write ``samples.npz`` (images N×H×W×C float32 in [0, 1], prompts) and ``grid.png``."""
+    prompts = checked_sample_prompts(args)
     module = load_module(args.checkpoint)
     if args.steps is not None:
         if args.role == "generator":
@@ -48,10 +102,7 @@ def sample(args: argparse.Namespace) -> Path:
         else:
             module.teacher_sampling = dataclasses.replace(module.teacher_sampling, num_steps=args.steps)
     if args.guidance is not None:
-        if args.role != "teacher":
-            raise ValueError("--guidance applies to --role teacher only: the student samples without CFG")
         module.teacher_sampling = dataclasses.replace(module.teacher_sampling, guidance_scale=args.guidance)
-    prompts = _prompts(args)
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((len(prompts), *module.backbone.latent_shape), generator=generator)
     batches = []
@@ -73,18 +124,46 @@ def sample(args: argparse.Namespace) -> Path:
     return output
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Digits metrics of a ``samples.npz``; prints them as JSON and writes ``metrics.json`` beside it."""
-    from rdm_lightning.backbones.base import require_path
-    from rdm_lightning.evaluation.digits import DigitsEvaluator
+def load_samples(path: str | Path) -> tuple[Tensor, list[str]]:
+    """The images ``(N, H, W, C)`` and prompts of a ``samples.npz`` that ``rdm sample`` wrote.
 
-    path = require_path(args.samples, "samples file")
-    with np.load(path) as data:
+    Raises:
+        FileNotFoundError, IsADirectoryError: ``path`` is missing or a folder.
+        ValueError: the file is not a readable ``.npz`` archive, or lacks ``images`` or ``prompts``.
+    """
+    from rdm_lightning.backbones.base import require_path
+
+    path = require_path(path, "samples file")
+    if not path.is_file():
+        raise IsADirectoryError(f"samples file {str(path)!r} is a folder; give the samples.npz in it")
+    expected = "`rdm evaluate` reads the samples.npz that `rdm sample` writes"
+    try:
+        data = np.load(path)
+    except _UNREADABLE_NPZ as error:
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({_first_sentence(error)}); {expected}") from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{str(path)!r} holds one {type(data).__name__}, not an .npz archive; {expected}")
+    with data:
         missing = {"images", "prompts"} - set(data.files)
         if missing:
-            raise ValueError(f"{str(path)!r} lacks {sorted(missing)}; `rdm sample` writes 'images' and 'prompts'")
-        images, prompts = torch.from_numpy(data["images"]), [str(p) for p in data["prompts"]]
-    metrics = DigitsEvaluator.default().evaluate(images, prompts)
+            raise ValueError(f"{str(path)!r} lacks {sorted(missing)}; {expected}, with 'images' and 'prompts'")
+        try:
+            images, prompts = data["images"], data["prompts"]
+        except _UNREADABLE_NPZ as error:
+            raise ValueError(f"{str(path)!r} is damaged ({error}); {expected}") from error
+    return torch.from_numpy(images), [str(p) for p in prompts]
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Digits metrics of a ``samples.npz``; prints them as JSON and writes ``metrics.json`` beside it."""
+    from rdm_lightning.evaluation.digits import DigitsEvaluator
+
+    path = Path(args.samples)
+    images, prompts = load_samples(path)
+    try:
+        metrics = DigitsEvaluator.default().evaluate(images, prompts)
+    except ValueError as error:
+        raise ValueError(f"{str(path)!r}: {error} (`rdm evaluate` scores digits samples)") from error
     sampling = path.parent / "sampling.json"
     if sampling.exists():
         metrics.update(json.loads(sampling.read_text()))
@@ -94,12 +173,38 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def export(args: argparse.Namespace) -> Path:
-    """Write the (EMA) generator, its LoRA merged if it has one, as a model folder its family loads (diffusers for SD)."""
+    """Write the (EMA) generator, its LoRA merged if it has one, as a model folder its family loads (diffusers for SD).
+
+    ``--output`` must be a new or empty folder unless ``--overwrite`` is given.
+    """
+    check_output_folder(args.output, overwrite=args.overwrite)
     module = load_module(args.checkpoint)
     generator = merged_copy(module.sampling_generator)
     output = module.backbone.export(generator, args.output, len(module.student_levels()), module.student_levels())
     print(f"exported the student to {output}")
     return output
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", help=".txt, .jsonl or .csv of prompts")
     source.add_argument("--prompt")
-    p.add_argument("--num-per-prompt", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
-    p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the checkpoint's)")
+    p.add_argument("--num-per-prompt", type=_at_least_one, default=1)
+    p.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the checkpoint's)")
+    p.add_argument("--guidance", type=_finite_float, default=None, help="teacher CFG scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_at_least_one, default=256)
     p.add_argument("--output", required=True)
     p.set_defaults(run=sample)
 
@@ -126,13 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="export the student")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output, replacing files of the same name")
     p.set_defaults(run=export)
     return parser
 
 
 def main(argv: list[str]) -> None:
+    """Run the tool ``argv[0]`` (``sample``, ``evaluate`` or ``export``) with the arguments after it."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "num_per_prompt", 1) < 1:
-        raise SystemExit(f"rdm sample: --num-per-prompt must be >= 1, got {args.num_per_prompt}")
     args.run(args)

@@ -290,6 +290,57 @@ def build_reward(spec: str | Mapping[str, Any] | RewardModel) -> RewardModel:
     raise TypeError(f"a reward spec must be a str, a dict or a RewardModel, got {type(spec).__name__}")
 
 
+REWARD_ALIAS_PARSER_MODE = "yaml_with_reward_aliases"
+"""jsonargparse parser mode of ``rdm`` configs: YAML, with reward aliases allowed as ``class_path``."""
+
+
+def resolve_reward_aliases(value: Any) -> Any:
+    """``value`` (a loaded config, or part of one) with every ``class_path`` that is a reward alias
+    replaced by the alias's class path, so that jsonargparse, which knows class paths and class
+    names only, accepts ``class_path: digits_logprob`` wherever a reward is named."""
+    if isinstance(value, Mapping):
+        resolved = {key: resolve_reward_aliases(item) for key, item in value.items()}
+        class_path = resolved.get("class_path")
+        if isinstance(class_path, str) and class_path in REWARD_ALIASES:
+            resolved["class_path"] = REWARD_ALIASES[class_path]
+        return resolved
+    if isinstance(value, list):
+        return [resolve_reward_aliases(item) for item in value]
+    return value
+
+
+def resolve_reward_alias_args(args: Sequence[str]) -> list[str]:
+    """Command-line ``args`` with a reward alias given alone as a class (``--model.init_args.rewards+=srpo``,
+    ``--model.init_args.scorer.class_path clip_score``) replaced by its class path; YAML values and
+    config files are resolved by the ``REWARD_ALIAS_PARSER_MODE`` loader instead."""
+    resolved = list(args)
+    for i, arg in enumerate(resolved):
+        key, equals, value = arg.partition("=")
+        if not (key.startswith("--") and (key.endswith("+") or key.endswith(".class_path"))):
+            continue
+        if equals and value in REWARD_ALIASES:
+            resolved[i] = f"{key}={REWARD_ALIASES[value]}"
+        elif not equals and i + 1 < len(resolved) and resolved[i + 1] in REWARD_ALIASES:
+            resolved[i + 1] = REWARD_ALIASES[resolved[i + 1]]
+    return resolved
+
+
+def _load_yaml_with_reward_aliases(text: str) -> Any:
+    from jsonargparse import get_loader
+
+    return resolve_reward_aliases(get_loader("yaml")(text))
+
+
+def register_reward_alias_parser_mode() -> str:
+    """Register ``REWARD_ALIAS_PARSER_MODE`` with jsonargparse (idempotent) and return its name,
+    the ``parser_mode`` to give a LightningCLI's parser."""
+    import yaml
+    from jsonargparse import set_loader
+
+    set_loader(REWARD_ALIAS_PARSER_MODE, _load_yaml_with_reward_aliases, (yaml.YAMLError,))
+    return REWARD_ALIAS_PARSER_MODE
+
+
 def _import_reward_class(class_path: str, requested: str) -> type[RewardModel]:
     module_name, _, class_name = class_path.rpartition(".")
     unknown = ValueError(
