@@ -10,9 +10,11 @@ it came from, and a crashed training run is costly to repeat with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -47,7 +49,7 @@ _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
 _CLASS_PATH_PROBLEM = re.compile(r"^Problem with given class_path '([^']+)':\s*")
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
 _EXPECTED_IMPORT_PATH = re.compile(r"Expected a dot import path string: (\S+)")
-_EXPECTED_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\]")
+_EXPECTED_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\](?:\. Got value: (.*))?")
 _EXPECTED_CLASS = re.compile(r"Expected a <class '([\w.]+)'>(?:\. Got value: (.*))?")
 _NONE_ALTERNATIVES = ("Expected a <class 'NoneType'>", "Expected a None")
 # The class_path jsonargparse reports when an argument of a model or data module came before any class.
@@ -155,11 +157,21 @@ def short_message(error: BaseException) -> str:
         message = f"{built}: {message}"
     if keys:
         message = f"{'.'.join(keys)}: {message}"
-    if _REWARD_BASE_CLASS in str(error):
+    if _REWARD_BASE_CLASS in str(error) and _names_a_wrong_class(current):
         from rdm_lightning.rewards.base import REWARD_ALIASES
 
         message += f"; a reward is a class path or one of the aliases {', '.join(REWARD_ALIASES)}"
     return message
+
+
+def _names_a_wrong_class(error: BaseException) -> bool:
+    """Whether jsonargparse's innermost ``error`` says a class path is unknown or of the wrong type."""
+    text = str(error)
+    return (
+        isinstance(error, (ImportError, AttributeError))
+        or _EXPECTED_IMPORT_PATH.search(text) is not None
+        or "does not correspond to a subclass of" in text
+    )
 
 
 def _innermost_message(error: BaseException, class_path: str | None) -> str:
@@ -180,12 +192,15 @@ def _readable(text: str, class_path: str | None) -> str:
     if not_accepted := _NOT_ACCEPTED.match(text):
         return _unknown_option_message(not_accepted.group(1), class_path)
 
-    def expected(match: re.Match) -> str:
-        return f"expected {match.group(1)}" + (f", got {match.group(2)!r}" if match.group(2) else "")
+    def expected(what: str) -> Callable[[re.Match], str]:
+        def replace(match: re.Match) -> str:
+            return f"expected {what}{match.group(1)}" + (f", got {match.group(2)!r}" if match.group(2) else "")
+
+        return replace
 
     text = _EXPECTED_IMPORT_PATH.sub(r"'\1' is neither a class path (package.module.Class) nor a known class name", text)
-    text = _EXPECTED_LITERAL.sub(r"expected one of \1", text)
-    return _EXPECTED_CLASS.sub(expected, text).strip()
+    text = _EXPECTED_LITERAL.sub(expected("one of "), text)
+    return _EXPECTED_CLASS.sub(expected(""), text).strip()
 
 
 def _unknown_option_message(option: str, class_path: str | None) -> str:
@@ -203,10 +218,11 @@ def _unknown_option_message(option: str, class_path: str | None) -> str:
 
 def _init_parameters(class_path: str) -> list[str]:
     """The constructor's parameter names of the class at ``class_path``; none if it cannot be imported."""
-    from jsonargparse._util import import_object  # jsonargparse's own reading of a class path
-
+    module_name, _, name = class_path.rpartition(".")
     try:
-        parameters = inspect.signature(import_object(class_path)).parameters.values()
+        cls = getattr(importlib.import_module(module_name), name)
+        # __init__'s, not the class's: a metaclass __call__ (e.g. the rewards') hides the parameters.
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (ImportError, AttributeError, ValueError, TypeError):
         return []
     return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

@@ -56,8 +56,8 @@ def load_module(checkpoint: str | Path):
     return cls.load_from_checkpoint(path, map_location="cpu").eval()
 
 
-def check_output_folder(output: str | Path, *, overwrite: bool = True) -> Path:
-    """``output`` as a Path, or an error: it is a file, or (unless ``overwrite``) a non-empty folder."""
+def check_output_folder(output: str | Path, *, overwrite: bool = True) -> None:
+    """Raise if ``output`` is a file, or (unless ``overwrite``) a non-empty folder."""
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"--output {str(output)!r} is a file; give a folder to write into")
@@ -66,7 +66,6 @@ def check_output_folder(output: str | Path, *, overwrite: bool = True) -> Path:
             f"--output {str(output)!r} is a non-empty folder; give a new or empty folder, "
             f"or add --overwrite to write into it (files of the same name are replaced)"
         )
-    return output
 
 
 def checked_sample_prompts(args: argparse.Namespace) -> list[str]:

@@ -96,6 +96,12 @@ def test_an_unknown_option_lists_the_accepted_ones(capsys, digits_config, option
     assert f"{cls} has no option 'nope'; accepted: " in stderr and accepted in stderr
 
 
+def test_a_choice_lists_the_choices(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    stderr = short_error(capsys, ["fit", "--config", "configs/digits/gndm.yaml", "--model.init_args.gndm.reward_combination=foo"])
+    assert "model.init_args.gndm.reward_combination: expected one of 'auto', 'refl_sum', 'group_adv', got 'foo'" in stderr
+
+
 def test_an_unknown_class_names_it(capsys, digits_config):
     stderr = short_error(capsys, ["fit", "--config", str(digits_config), "--model", "rdm_lightning.methods.Nope"])
     assert "model: rdm_lightning.methods.Nope: module 'rdm_lightning.methods' has no attribute 'Nope'" in stderr
@@ -194,6 +200,13 @@ def test_an_unknown_reward_lists_the_aliases(capsys, monkeypatch):
     stderr = short_error(capsys, ["fit", "--config", "configs/digits/gndm.yaml", "--model.init_args.rewards+=digits_logprb"])
     assert "model.init_args.rewards: 'digits_logprb' is neither a class path" in stderr
     assert f"one of the aliases {', '.join(REWARD_ALIASES)}" in stderr
+
+
+def test_an_unknown_reward_option_lists_the_reward_options(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    stderr = short_error(capsys, ["fit", "--config", "configs/digits/gndm.yaml",
+                                  "--model.init_args.rewards+={class_path: digits_logprob, init_args: {nope: 1}}"])
+    assert "rdm_lightning.rewards.digits.DigitsClassifierReward has no option 'nope'; accepted: seed, " in stderr
 
 
 def test_resolve_reward_aliases_changes_only_alias_class_paths():
