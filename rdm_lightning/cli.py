@@ -7,6 +7,7 @@ and sample files:
 - ``rdm sample --checkpoint CKPT --prompt P --num-per-prompt N --output DIR``
 - ``rdm evaluate --samples DIR/samples.npz``
 - ``rdm export --checkpoint CKPT --output DIR``
+- ``rdm slurm --config CONFIG --nodes N --gpus-per-node G --time T`` (``docs/runs.md``)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from rdm_lightning import runs
 
-TOOL_COMMANDS = ("sample", "evaluate", "export")
+TOOL_COMMANDS = ("sample", "evaluate", "export", "slurm")
 
 
 class RDMLightningCLI(LightningCLI):

@@ -56,9 +56,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch/zip/pickle errors never name the file
+        reason = str(error).strip().split("\n")[0].split(". ")[0]
         raise ValueError(
-            f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error}); it is truncated or not "
-            "a checkpoint `rdm fit` wrote. An interrupted write leaves the previous last.ckpt whole"
+            f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {reason}); it is truncated or not "
+            "a checkpoint `rdm fit` wrote"
         ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'); accepted: a `rdm fit` .ckpt")

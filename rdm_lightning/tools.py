@@ -1,4 +1,4 @@
-"""``rdm sample``, ``rdm evaluate`` and ``rdm export``: work on checkpoints and sample files."""
+"""``rdm sample``, ``rdm evaluate`` and ``rdm export`` work on checkpoints and sample files; ``rdm slurm`` submits a fit."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from rdm_lightning.data.prompts import load_prompts
 from rdm_lightning.evaluation.grid import save_image_grid
 from rdm_lightning.methods.lora import merged_copy
+from rdm_lightning.slurm import add_slurm_parser
 
 
 # np.load's errors for a file that is not an .npz archive, or a damaged one.
@@ -233,10 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output, replacing files of the same name")
     p.set_defaults(run=export)
+
+    add_slurm_parser(commands)
     return parser
 
 
 def main(argv: list[str]) -> None:
-    """Run the tool ``argv[0]`` (``sample``, ``evaluate`` or ``export``) with the arguments after it."""
+    """Run the tool ``argv[0]`` (``sample``, ``evaluate``, ``export`` or ``slurm``) with the arguments after it."""
     args = build_parser().parse_args(argv)
     args.run(args)

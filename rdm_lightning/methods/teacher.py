@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -132,4 +133,7 @@ def _train_digits_teacher(path: Path, prediction: str, max_steps: int, batch_siz
             accelerator="auto", devices=1,
         )
         trainer.fit(module, DigitsDataModule(batch_size=batch_size))
-    os.replace(partial, path)
+    if (path / "denoiser.safetensors").exists():  # another run on this machine published it first
+        shutil.rmtree(partial)
+    else:
+        os.replace(partial, path)
