@@ -78,6 +78,11 @@ class RDMLightningCLI(LightningCLI):
             own_version = runs.version_of_checkpoint(checkpoint, experiment_dir)
             if own_version is not None:
                 logger_args.version = own_version
+                if logger.class_path.endswith("loggers.CSVLogger"):
+                    warnings.warn(
+                        f"Lightning's CSVLogger deletes {experiment_dir / own_version}/metrics.csv when the resumed run "
+                        "reopens the folder; rdm_lightning.loggers.RunCSVLogger keeps it and continues it"
+                    )
             if "resume_step" in logger_args:
                 logger_args.resume_step = saved["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
 

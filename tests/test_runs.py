@@ -8,6 +8,7 @@ EMA, fake score, logged values) and lose at most one checkpoint interval.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,8 @@ FAKE_SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "rd
 def fit_config(root: Path, teacher: Path, fault: tuple[int, str] | None = None, **model) -> Path:
     callbacks = [
         {"class_path": "rdm_lightning.callbacks.GeneratorEMA", "init_args": {"decay": 0.5}},
+        {"class_path": "rdm_lightning.callbacks.DigitsEvaluation",
+         "init_args": {"every_n_updates": 4, "num_samples": 10, "evaluate_teacher": False}},
         {"class_path": "rdm_lightning.callbacks.RunCheckpoint", "init_args": {"every_n_updates": INTERVAL}},
     ]
     if fault is not None:
@@ -58,8 +61,9 @@ def fit_config(root: Path, teacher: Path, fault: tuple[int, str] | None = None, 
     return path
 
 
-def rdm_fit(config: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+def rdm_fit(config: Path, *args: str, cache: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``rdm fit`` in a subprocess; ``cache`` holds the evaluation classifier (the ``digits_classifier`` fixture's)."""
+    environment = {**os.environ, "RDM_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                    "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "rdm_lightning", "fit", "--config", str(config), *args],
                           capture_output=True, text=True, env=environment, timeout=300)
@@ -70,13 +74,15 @@ def load(path: Path) -> dict:
 
 
 def logged_values(run: Path) -> dict[tuple[str, str], str]:
-    return {(row["step"], key): value for row in csv.DictReader(open(run / "metrics.csv")) for key, value in row.items() if value}
+    """Every logged value by (step, name), wall-clock timings aside."""
+    return {(row["step"], key): value for row in csv.DictReader(open(run / "metrics.csv"))
+            for key, value in row.items() if value and "seconds" not in key}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_digits_teacher) -> Path:
+def uninterrupted(tmp_path_factory, tiny_digits_teacher, rdm_cache, digits_classifier) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    result = rdm_fit(fit_config(root, tiny_digits_teacher))
+    result = rdm_fit(fit_config(root, tiny_digits_teacher), cache=rdm_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "run" / "version_0"
 
@@ -115,34 +121,42 @@ def updates_before(iteration: int) -> int:
         (9, "nan", {}, 1, updates_before(9)),
     ],
 )
-def test_a_broken_run_resumes_bit_for_bit(tmp_path, tiny_digits_teacher, uninterrupted, iteration, fault, env, status, saved_updates):
+def test_a_broken_run_resumes_bit_for_bit(
+    tmp_path, tiny_digits_teacher, rdm_cache, uninterrupted, iteration, fault, env, status, saved_updates
+):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
     (fake_bin / "scontrol").chmod(0o755)
     env = {**env, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
-    first = rdm_fit(fit_config(tmp_path, tiny_digits_teacher, (iteration, fault)), env=env)
+    first = rdm_fit(fit_config(tmp_path, tiny_digits_teacher, (iteration, fault)), cache=rdm_cache, env=env)
     assert first.returncode == status, first.stderr[-3000:]
     run = tmp_path / "run" / ("job_4242" if fault == "sigusr1" else "version_0")
     saved = load(run / "checkpoints" / "last.ckpt")
     assert saved["rdm"]["role_updates"]["generator"] == saved_updates
     assert updates_before(iteration) - saved_updates < INTERVAL
+    if fault != "sigkill":  # the evaluations made so far are kept, and why the run stopped
+        report = json.loads((run / "metrics.json").read_text())
+        assert [entry["generator_updates"] for entry in report["history"]] == [4] * (saved_updates >= 4)
+        assert ("FloatingPointError" if fault == "nan" else f"stopped by {fault.upper()}") in report["stopped"]
     if fault == "sigusr1":
         assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
         assert not list(Path.cwd().glob("hpc_ckpt_*.ckpt"))
-        second = rdm_fit(fit_config(tmp_path, tiny_digits_teacher), env=env)  # the requeued job: same id, no flag
+        second = rdm_fit(fit_config(tmp_path, tiny_digits_teacher), cache=rdm_cache, env=env)  # the requeue: same id
         assert "resuming SLURM job job_4242" in second.stdout
     else:
-        second = rdm_fit(fit_config(tmp_path, tiny_digits_teacher), "--ckpt_path", "last", env=env)
+        second = rdm_fit(fit_config(tmp_path, tiny_digits_teacher), "--ckpt_path", "last", cache=rdm_cache, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [run.name]  # the same run folder
     assert_same_run(run, uninterrupted)
 
 
-def test_a_truncated_checkpoint_is_named_and_the_previous_one_survives_a_kill_mid_write(tmp_path, tiny_digits_teacher, uninterrupted):
+def test_a_truncated_checkpoint_is_named_and_the_previous_one_survives_a_kill_mid_write(
+    tmp_path, tiny_digits_teacher, rdm_cache, uninterrupted
+):
     broken = tmp_path / "last.ckpt"
     broken.write_bytes((uninterrupted / "checkpoints" / "last.ckpt").read_bytes()[:5000])
-    result = rdm_fit(fit_config(tmp_path, tiny_digits_teacher), "--ckpt_path", str(broken))
+    result = rdm_fit(fit_config(tmp_path, tiny_digits_teacher), "--ckpt_path", str(broken), cache=rdm_cache)
     assert result.returncode == 2
     assert str(broken) in result.stderr and "Traceback" not in result.stderr
     # A write goes to last.ckpt.partial and is renamed: a kill during it leaves last.ckpt whole.
@@ -150,11 +164,17 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_survives_a_kill_mi
 
 
 # ---- resume rules (in process) --------------------------------------------------------------------
+@pytest.fixture
+def digits_cache(rdm_cache, digits_classifier, monkeypatch) -> None:
+    """In-process fits evaluate with the session's cached classifier."""
+    monkeypatch.setenv("RDM_CACHE", str(rdm_cache))
+
+
 def fit_in_process(config: Path, *args: str) -> None:
     main(["fit", "--config", str(config), *args])
 
 
-def test_resume_extends_the_budget_and_rejects_other_model_changes(tmp_path, tiny_digits_teacher, capsys):
+def test_resume_extends_the_budget_and_rejects_other_model_changes(tmp_path, tiny_digits_teacher, digits_cache, capsys):
     config = fit_config(tmp_path, tiny_digits_teacher, max_generator_updates=2)
     fit_in_process(config)
     run = tmp_path / "run" / "version_0"
@@ -169,13 +189,13 @@ def test_resume_extends_the_budget_and_rejects_other_model_changes(tmp_path, tin
     assert "max_generator_updates" in message and "Traceback" not in message
 
 
-def test_ckpt_path_last_without_a_run_names_the_folder_searched(tmp_path, tiny_digits_teacher, capsys):
+def test_ckpt_path_last_without_a_run_names_the_folder_searched(tmp_path, tiny_digits_teacher, digits_cache, capsys):
     with pytest.raises(SystemExit):
         fit_in_process(fit_config(tmp_path, tiny_digits_teacher), "--ckpt_path", "last")
     assert f"{tmp_path / 'run'}/*/checkpoints/last.ckpt" in capsys.readouterr().err
 
 
-def test_a_new_slurm_job_never_resumes_another_jobs_checkpoint(tmp_path, tiny_digits_teacher, monkeypatch):
+def test_a_new_slurm_job_never_resumes_another_jobs_checkpoint(tmp_path, tiny_digits_teacher, digits_cache, monkeypatch):
     config = fit_config(tmp_path, tiny_digits_teacher, max_generator_updates=2)
     for name, value in FAKE_SLURM.items():
         monkeypatch.setenv(name, value)

@@ -37,6 +37,9 @@ class RunInterrupted(SystemExit):
         self.signum = signum
         self.checkpoint = checkpoint
 
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}; resume from {self.checkpoint}"
+
 
 def progress_count(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     """The run's progress counter: generator updates of a distillation module, else optimizer steps."""
