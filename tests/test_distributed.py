@@ -108,3 +108,38 @@ def test_ddp_ranks_share_k_and_weights(tiny_digits_teacher, tmp_path):
     # ...and they did train.
     teacher = DigitsBackbone(path=str(tiny_digits_teacher)).load_denoiser().state_dict()
     assert not all(torch.equal(teacher[k], v) for k, v in states[0]["generator"].items())
+
+
+def ddp_fit(teacher: Path, checkpoints: Path, budget: int, ckpt_path: Path | None = None) -> Path:
+    """A 2-process DMD fit checkpointing every 2 generator updates into ``checkpoints``; returns its last.ckpt."""
+    from rdm_lightning.callbacks import RunCheckpoint
+
+    module = DMD(DigitsBackbone(path=str(teacher)), dmd=DMDConfig(generator_update_ratio=2),
+                 generator_optimizer=OptimizerConfig(lr=1e-3), fake_score_optimizer=OptimizerConfig(lr=1e-3),
+                 student=StudentConfig(num_steps=2), max_generator_updates=budget)
+    strategy = DDPStrategy(
+        start_method="fork", find_unused_parameters=True, process_group_backend="gloo", timeout=timedelta(seconds=120)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD_SIZE, strategy=strategy, max_epochs=-1, logger=False,
+        callbacks=[RunCheckpoint(every_n_updates=2, dirpath=str(checkpoints))], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    # weights_only=False: built outside LightningCLI, the hyperparameters hold the backbone object itself.
+    trainer.fit(module, DigitsDataModule(batch_size=16), ckpt_path=ckpt_path, weights_only=False)
+    return checkpoints / "last.ckpt"
+
+
+def test_ddp_resume_mid_epoch_continues_bit_for_bit(tiny_digits_teacher, tmp_path):
+    # 44 batches an epoch on each rank (Lightning's distributed sampler over the shuffled order): 11 iterations
+    # stop mid-epoch, and the resumed loaders must skip on each rank what that rank consumed.
+    reference = torch.load(ddp_fit(tiny_digits_teacher, tmp_path / "reference", budget=6), weights_only=False)
+    stopped = torch.load(ddp_fit(tiny_digits_teacher, tmp_path / "resumed", budget=3), weights_only=False)
+    assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 5}]
+    resumed = torch.load(
+        ddp_fit(tiny_digits_teacher, tmp_path / "resumed", budget=6, ckpt_path=tmp_path / "resumed" / "last.ckpt"),
+        weights_only=False,
+    )
+    assert resumed["rdm"]["role_updates"] == reference["rdm"]["role_updates"] == {"generator": 6, "fake_score": 11}
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key

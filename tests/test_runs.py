@@ -179,8 +179,14 @@ def test_resume_extends_the_budget_and_rejects_other_model_changes(tmp_path, tin
     fit_in_process(config)
     run = tmp_path / "run" / "version_0"
     fit_in_process(config, "--ckpt_path", "last", "--model.init_args.max_generator_updates=3")
-    assert load(run / "checkpoints" / "last.ckpt")["rdm"]["role_updates"]["generator"] == 3
+    extended = load(run / "checkpoints" / "last.ckpt")
+    assert extended["rdm"]["role_updates"]["generator"] == 3
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["version_0"]
+    # The final checkpoint is taken at the last iteration's end, so training on equals never having stopped.
+    (tmp_path / "straight").mkdir()
+    fit_in_process(fit_config(tmp_path / "straight", tiny_digits_teacher, max_generator_updates=3))
+    straight = load(tmp_path / "straight" / "run" / "version_0" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(extended["state_dict"][k], v) for k, v in straight["state_dict"].items())
     with pytest.raises(SystemExit) as stop:
         fit_in_process(config, "--ckpt_path", "last", "--model.init_args.dmd.guidance_scale=3.0")
     assert stop.value.code == 2

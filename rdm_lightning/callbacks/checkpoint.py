@@ -63,7 +63,8 @@ class RunCheckpoint(Checkpoint):
     """Writes ``<run folder>/checkpoints/last.ckpt`` often enough that a crash loses at most one interval.
 
     - every ``every_n_updates`` generator updates (optimizer steps for modules without a
-      generator, the digits teacher pretraining) and at the end of fit;
+      generator, the digits teacher pretraining) and at the end of fit (at the end of the last
+      iteration, so that a run resumed with a larger budget continues as if it had not stopped);
     - on SIGTERM or SIGUSR1 at the end of the running iteration, then the process exits
       with ``128 + signum`` (:class:`RunInterrupted`); under SLURM, SIGUSR1 first requeues
       the job, whose next launch resumes from this checkpoint (``rdm fit`` finds it);
@@ -146,7 +147,8 @@ class RunCheckpoint(Checkpoint):
         if stop:
             self._stop(trainer, pl_module)
         updates = progress_count(trainer, pl_module)
-        if self.every_n_updates and updates and updates % self.every_n_updates == 0 and updates != self.saved_at:
+        due = self.every_n_updates and updates and updates % self.every_n_updates == 0
+        if (due or _ends_training(trainer, pl_module)) and updates != self.saved_at:
             self.save(trainer, pl_module)
 
     def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -167,6 +169,7 @@ class RunCheckpoint(Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stopping is not None:
             raise self._stopping
+        # Fits that end by a limit the batch end cannot foresee (max_epochs, max_time).
         if progress_count(trainer, pl_module) != self.saved_at:
             self.save(trainer, pl_module)
         # The cost of checkpointing, for choosing every_n_updates (README: "Runs, crashes and clusters").
@@ -196,6 +199,20 @@ class RunCheckpoint(Checkpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.saved_at = state_dict["saved_at"]
+
+
+def _ends_training(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Whether fit stops after this batch: the generator budget or ``max_steps`` is reached, or a stop was asked.
+
+    The final checkpoint is written at that batch's end: once the loop has wound down, Lightning's
+    progress counts the cut epoch as finished, and a run resumed from there would renumber epochs.
+    """
+    budget = getattr(pl_module, "max_generator_updates", None)
+    return (
+        trainer.should_stop
+        or (budget is not None and progress_count(trainer, pl_module) >= budget)
+        or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
+    )
 
 
 @contextmanager

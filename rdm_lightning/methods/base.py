@@ -326,7 +326,13 @@ class DistillationModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if self.is_frozen_state_key(k)]:
             del state[key]
-        checkpoint["rdm"] = {"role_updates": dict(self.role_updates), "iterations": self.iterations, "rng": self.rng.get_state()}
+        checkpoint["rdm"] = {
+            "role_updates": dict(self.role_updates),
+            "iterations": self.iterations,
+            "rng": self.rng.get_state(),
+            # Each rank draws from its own stream (seed + rank): a resumed rank continues its own.
+            "rng_per_rank": self.gather_per_rank(self.rng.get_state()),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -339,7 +345,30 @@ class DistillationModule(L.LightningModule):
         if rdm is not None:
             self.role_updates = dict(rdm["role_updates"])
             self.iterations = rdm["iterations"]
-            self.rng.set_state(rdm["rng"])
+            state = self.own_rank_state(rdm.get("rng_per_rank", [rdm["rng"]]), "random stream")
+            if state is None:
+                self.rng.manual_seed(hash((self.seed, self.global_rank, self.iterations)))
+            else:
+                self.rng.set_state(state)
+
+    def gather_per_rank(self, value):
+        """``value`` of every rank, in rank order; ``[value]`` in a single process. A collective
+        under several processes, which every checkpoint save is."""
+        if self._trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [value]
+        values = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def own_rank_state(self, states: list, what: str):
+        """This rank's entry of a per-rank checkpoint state, ``None`` when the checkpoint has none for
+        it (it was written by fewer processes): the run then continues, no longer bit for bit."""
+        rank = self.global_rank
+        if rank < len(states):
+            return states[rank]
+        warnings.warn(f"the checkpoint has the {what} of {len(states)} processes, none for rank {rank}: "
+                      "that rank starts a fresh one, so the resumed run is not bit for bit")
+        return None
 
     # ---- scores ---------------------------------------------------------------------------
     def teacher_precision(self) -> torch.autocast:

@@ -502,12 +502,13 @@ class GNDM(GRPOMixin, DMDR):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         stored = self.stored_rollout.state() if self.stored_rollout is not None else None
-        checkpoint["gndm_importance_sampling"] = {"rollouts": dict(self.rollouts), "stored_rollout": stored}
+        # Every rank reuses its own rollout.
+        checkpoint["gndm_importance_sampling"] = {"rollouts": dict(self.rollouts), "stored_rollout_per_rank": self.gather_per_rank(stored)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("gndm_importance_sampling")
         if state is not None:
             self.rollouts = dict(state["rollouts"])
-            stored = state["stored_rollout"]
+            stored = self.own_rank_state(state["stored_rollout_per_rank"], "stored importance-sampling rollout")
             self.stored_rollout = None if stored is None else StoredRollout.from_state(stored, self.importance_sampling)
