@@ -65,10 +65,11 @@ class RDMLightningCLI(LightningCLI):
                 print(f"rdm: resuming SLURM job {version} from {own_last}")
                 config.ckpt_path = str(own_last)
         if config.ckpt_path == "last":
-            if experiment_dir is None:
-                raise ValueError("--ckpt_path last needs a logger with a save_dir (the folder its runs are in)")
-            # A SLURM job resumes only its own folder (found above), never another job's.
-            config.ckpt_path = str(runs.latest_checkpoint(experiment_dir, only_version=version))
+            if experiment_dir is not None:
+                # A SLURM job resumes only its own folder (found above), never another job's.
+                config.ckpt_path = str(runs.latest_checkpoint(experiment_dir, only_version=version))
+            else:  # no logger folder: the run folder is default_root_dir
+                config.ckpt_path = str(runs.checkpoint_in(Path(config.trainer.get("default_root_dir") or ".")))
         if config.ckpt_path is None:
             return
         checkpoint = Path(config.ckpt_path)

@@ -85,6 +85,18 @@ def latest_checkpoint(experiment_dir: Path, only_version: str | None = None) -> 
     return found[-1]
 
 
+def checkpoint_in(run_dir: Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` of a run without a logger folder (``default_root_dir``).
+
+    Raises:
+        FileNotFoundError: naming the path, when there is no such checkpoint.
+    """
+    path = run_dir / "checkpoints" / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path last: no {path} to resume from (the run has no logger; its folder is default_root_dir)")
+    return path
+
+
 def version_of_checkpoint(checkpoint: Path, experiment_dir: Path) -> str | None:
     """The version folder ``checkpoint`` was written in, when it is ``<experiment_dir>/<version>/checkpoints/``."""
     folder = checkpoint.resolve().parent

@@ -11,8 +11,9 @@ FAULTS = ("sigkill", "sigterm", "sigusr1", "nan")
 
 
 class FaultAt(L.Callback):
-    """At the start of iteration ``iteration`` (the module's own counter): send this process a
-    signal (``sigkill``, ``sigterm``, ``sigusr1``), or make the iteration's first loss NaN (``nan``).
+    """At the start of iteration ``iteration`` (a distillation module's own counter, else the
+    optimizer step): send this process a signal (``sigkill``, ``sigterm``, ``sigusr1``), or make the
+    iteration's first loss NaN (``nan``, distillation modules).
 
     Signals arrive mid-iteration, as a scheduler's would; the run must handle them at its end.
     """
@@ -24,7 +25,7 @@ class FaultAt(L.Callback):
         self.fault = fault
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if pl_module.iterations != self.iteration:
+        if getattr(pl_module, "iterations", trainer.global_step) != self.iteration:
             return
         if self.fault == "nan":
             step_role = pl_module.step_role

@@ -344,3 +344,31 @@ def test_rdm_slurm_writes_and_submits_the_sbatch_file(tmp_path, monkeypatch, cap
     assert (tmp_path / "submitted").read_text() == written
     assert written.rstrip().endswith("--model.init_args.max_generator_updates=10")
     assert "Submitted batch job 99" in capsys.readouterr().out
+
+
+def test_teacher_pretraining_resumes_bit_for_bit(tmp_path, rdm_cache):
+    """The teacher recipe draws from torch's global stream, which its checkpoint carries."""
+    def teacher_config(name: str, fault: tuple[int, str] | None = None) -> Path:
+        callbacks = [{"class_path": "rdm_lightning.callbacks.RunCheckpoint", "init_args": {"every_n_updates": 2}}]
+        if fault is not None:
+            callbacks.append({"class_path": "faults.FaultAt", "init_args": {"iteration": fault[0], "fault": fault[1]}})
+        config = {
+            "seed_everything": 0,
+            "trainer": {"max_steps": 6, "logger": False, "default_root_dir": str(tmp_path / name), "callbacks": callbacks,
+                        "enable_progress_bar": False, "enable_model_summary": False},
+            "model": {"class_path": "rdm_lightning.methods.DigitsTeacherPretraining",
+                      "init_args": {"config": {"channels": 8}, "output_path": str(tmp_path / name / "teacher")}},
+            "data": {"class_path": "rdm_lightning.data.DigitsDataModule", "init_args": {"batch_size": 128}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    assert rdm_fit(teacher_config("straight"), cache=rdm_cache).returncode == 0
+    stopped = rdm_fit(teacher_config("stopped", (3, "sigterm")), cache=rdm_cache)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    resumed = rdm_fit(teacher_config("stopped"), "--ckpt_path", "last", cache=rdm_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for file in ("denoiser.safetensors", "text_encoder.safetensors"):
+        assert (tmp_path / "stopped" / "teacher" / file).read_bytes() == (tmp_path / "straight" / "teacher" / file).read_bytes()

@@ -82,7 +82,10 @@ class DigitsTeacherPretraining(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The EMA steps right after the optimizer, inside the step: a checkpoint written at the
+        # batch's end by a callback (which Lightning calls before the module's hooks) includes it.
+        super().optimizer_step(*args, **kwargs)
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         ema_update(self.ema["text_encoder"], self.text_encoder, decay)
         ema_update(self.ema["denoiser"], self.denoiser, decay)
@@ -103,6 +106,20 @@ class DigitsTeacherPretraining(L.LightningModule):
         from rdm_lightning.callbacks.progress import default_progress_bar  # the callbacks import the methods
 
         return default_progress_bar(self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Prompt dropout, levels and noise come from torch's global stream, which Lightning does not
+        # checkpoint: without it a resumed pretraining would not continue bit for bit.
+        checkpoint["torch_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_rng = checkpoint.get("torch_rng")
+
+    def on_train_start(self) -> None:
+        # Set here, not on load: building the resumed data loader's iterator draws from the stream.
+        if getattr(self, "_resumed_rng", None) is not None:
+            torch.set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
