@@ -372,3 +372,53 @@ def test_teacher_pretraining_resumes_bit_for_bit(tmp_path, rdm_cache):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for file in ("denoiser.safetensors", "text_encoder.safetensors"):
         assert (tmp_path / "stopped" / "teacher" / file).read_bytes() == (tmp_path / "straight" / "teacher" / file).read_bytes()
+
+
+METHOD_CONFIGS = ("dmd", "dmdr", "dmdr_lora", "gndm", "gndm_is", "gndmr", "gdmd", "rtdmd_stage1", "rtdmd_stage2")
+
+
+def tiny_method_config(root: Path, method: str, teacher: Path, budget: int, stage1: Path | None = None) -> Path:
+    """The shipped ``configs/digits/<method>.yaml`` on the tiny teacher, checkpointing every update, no evaluation."""
+    config = yaml.safe_load((TESTS.parent / "configs" / "digits" / f"{method}.yaml").read_text())
+    config["trainer"] = {
+        "logger": {"class_path": "rdm_lightning.loggers.RunCSVLogger", "init_args": {"save_dir": str(root), "name": method}},
+        "max_epochs": -1, "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False,
+        "callbacks": [{"class_path": "rdm_lightning.callbacks.GeneratorEMA", "init_args": {"decay": 0.5}},
+                      {"class_path": "rdm_lightning.callbacks.RunCheckpoint", "init_args": {"every_n_updates": 1}}],
+    }
+    model = config["model"]["init_args"]
+    model["backbone"]["init_args"] = {"path": str(teacher)}
+    model["max_generator_updates"] = budget
+    if stage1 is not None:
+        model["stage1_checkpoint"] = str(stage1)
+    path = root / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_stage1(tmp_path_factory, tiny_digits_teacher, rdm_cache, digits_classifier, digits_gold_classifier) -> Path:
+    root = tmp_path_factory.mktemp("stage1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RDM_CACHE", str(rdm_cache))
+        fit_in_process(tiny_method_config(root, "rtdmd_stage1", tiny_digits_teacher, budget=1))
+    return root / "rtdmd_stage1" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS)
+def test_every_digits_method_resumes_bit_for_bit(method, tmp_path, tiny_digits_teacher, digits_cache, digits_gold_classifier, request):
+    """Each method's own state (DMDR's schedules, GNDM's stored IS rollout, RTDMD's RL counter, LoRA roles)
+    survives a resume: training on from a checkpoint equals training straight through."""
+    stage1 = request.getfixturevalue("tiny_stage1") if method == "rtdmd_stage2" else None
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    fit_in_process(tiny_method_config(straight, method, tiny_digits_teacher, budget=4, stage1=stage1))
+    config = tiny_method_config(resumed, method, tiny_digits_teacher, budget=2, stage1=stage1)
+    fit_in_process(config)
+    fit_in_process(config, "--ckpt_path", "last", "--model.init_args.max_generator_updates=4")
+    ours, theirs = (load(root / method / "version_0" / "checkpoints" / "last.ckpt") for root in (resumed, straight))
+    assert ours["rdm"]["role_updates"]["generator"] == theirs["rdm"]["role_updates"]["generator"] == 4
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for key, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][key], value), key
