@@ -154,3 +154,27 @@ def test_generate_matches_the_core_sampler(tiny_digits_teacher):
         model.student_levels(), model.backbone.schedule, "sde", torch.Generator().manual_seed(5),
     )
     torch.testing.assert_close(model.generate(PROMPTS, noise, generator=torch.Generator().manual_seed(5)), expected)
+
+
+def test_teacher_pretraining_ema_decay_after_each_step_is_the_warm_up_closed_form():
+    """After optimizer step n the EMA takes decay min(ema_decay, (1 + n)/(10 + n)): 2/11, then 3/12."""
+    import copy
+
+    from rdm_lightning.backbones.digits import DigitsConfig
+
+    class Recording(DigitsTeacherPretraining):
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            self.seen.append((copy.deepcopy(self.denoiser.state_dict()), copy.deepcopy(self.ema["denoiser"].state_dict())))
+
+    module = Recording(DigitsConfig(channels=8), output_path="unused")
+    module.seen = [(None, copy.deepcopy(module.ema["denoiser"].state_dict()))]
+    module.on_fit_end = lambda: None  # nothing to save
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DigitsDataModule(batch_size=128))
+    for step, decay in ((1, 2 / 11), (2, 3 / 12)):
+        live, ema = module.seen[step]
+        previous = module.seen[step - 1][1]
+        for key, value in ema.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, decay * previous[key] + (1 - decay) * live[key], rtol=1e-6, atol=1e-7)

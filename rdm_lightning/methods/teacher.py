@@ -86,7 +86,8 @@ class DigitsTeacherPretraining(L.LightningModule):
         # The EMA steps right after the optimizer, inside the step: a checkpoint written at the
         # batch's end by a callback (which Lightning calls before the module's hooks) includes it.
         super().optimizer_step(*args, **kwargs)
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        steps = self.global_step + 1  # Lightning counts this step only once optimizer_step returns
+        decay = min(self.hparams.ema_decay, (1 + steps) / (10 + steps))
         ema_update(self.ema["text_encoder"], self.text_encoder, decay)
         ema_update(self.ema["denoiser"], self.denoiser, decay)
 
