@@ -422,3 +422,21 @@ def test_every_digits_method_resumes_bit_for_bit(method, tmp_path, tiny_digits_t
     assert ours["state_dict"].keys() == theirs["state_dict"].keys()
     for key, value in theirs["state_dict"].items():
         assert torch.equal(ours["state_dict"][key], value), key
+
+
+def test_a_checkpoint_folder_replaces_the_previous_one_whole(tmp_path):
+    """Sharded strategies (DeepSpeed) write a checkpoint folder: it is swapped in, never merged."""
+    from rdm_lightning.callbacks.checkpoint import _replace
+
+    last, partial = tmp_path / "last.ckpt", tmp_path / "last.ckpt.partial"
+    last.mkdir()
+    (last / "old_shard.pt").write_text("old")
+    partial.mkdir()
+    (partial / "new_shard.pt").write_text("new")
+    _replace(partial, last)
+    assert [p.name for p in last.iterdir()] == ["new_shard.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    partial.write_text("file")
+    last_file = tmp_path / "file.ckpt"
+    _replace(partial, last_file)
+    assert last_file.read_text() == "file" and not partial.exists()
