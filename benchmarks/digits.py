@@ -5,7 +5,9 @@
 Each student is trained with `configs/digits/dmd.yaml` through the same CLI as
 `rdm fit` (only the number of student steps differs) and scored by the
 DigitsEvaluation callback on 1,000 class-balanced samples against the
-held-out test split. Targets (issue #2) are checked and printed beside the table.
+held-out test split, in two distances: digits-FD (classifier features) and pixel FD
+(the train split's leading principal components), each beside its real-data floor.
+Targets (issue #2) are checked and printed beside the table.
 """
 from __future__ import annotations
 
@@ -38,9 +40,15 @@ def row(name: str, metrics: dict, teacher: dict) -> str:
     speedup = teacher["sampling_seconds_per_image"] / metrics["sampling_seconds_per_image"]
     return (
         f"| {name} | {metrics['nfe']} | {100 * metrics['prompt_accuracy']:.1f} | {metrics['digits_fd']:.2f} "
-        f"| {metrics['digits_fd'] / teacher['digits_fd']:.2f}× | {1000 * metrics['sampling_seconds_per_image']:.3f} "
+        f"| {metrics['digits_fd'] / teacher['digits_fd']:.2f}× | {metrics['pixel_fd']:.4f} "
+        f"| {metrics['pixel_fd'] / teacher['pixel_fd']:.2f}× | {1000 * metrics['sampling_seconds_per_image']:.3f} "
         f"| {speedup:.1f}× |"
     )
+
+
+def floor_row(floor: dict) -> str:
+    """The real-data floor: the train split scored against the test split."""
+    return f"| real digits (train split) | | | {floor['digits_fd']:.2f} | | {floor['pixel_fd']:.4f} | | | |"
 
 
 def main() -> None:
@@ -53,8 +61,9 @@ def main() -> None:
     one = train_student(1, args.updates, args.output)
     teacher = four["teacher"]
     lines = [
-        "| sampler | NFE | prompt acc. (%) | digits-FD | FD / teacher | ms / image | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| sampler | NFE | prompt acc. (%) | digits-FD | FD / teacher | pixel FD | pixel FD / teacher | ms / image | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+        floor_row(four["real_data_floor"]),
         row("teacher (50 Euler steps, CFG 1.5)", teacher, teacher),
         row(f"DMD2 4-step ({four['student']['generator_updates']} updates)", four["student"], teacher),
         row(f"DMD2 1-step ({one['student']['generator_updates']} updates)", one["student"], teacher),

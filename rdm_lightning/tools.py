@@ -160,10 +160,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     path = Path(args.samples)
     images, prompts = load_samples(path)
+    evaluator = DigitsEvaluator.default()
     try:
-        metrics = DigitsEvaluator.default().evaluate(images, prompts)
+        metrics = evaluator.evaluate(images, prompts)
     except ValueError as error:
         raise ValueError(f"{str(path)!r}: {error} (`rdm evaluate` scores digits samples)") from error
+    metrics["real_data_floor"] = evaluator.real_data_floor()
     sampling = path.parent / "sampling.json"
     if sampling.exists():
         metrics.update(json.loads(sampling.read_text()))

@@ -137,6 +137,7 @@ def test_sample_teacher_from_prompts_file_and_evaluate(fitted_run, tmp_path, rdm
     main(["evaluate", "--samples", str(out / "samples.npz")])
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["num_samples"] == 8 and metrics["nfe"] == 6
+    assert metrics["pixel_fd"] > metrics["real_data_floor"]["pixel_fd"] > 0  # the second distance, beside its floor
     assert json.loads((out / "metrics.json").read_text())["digits_fd"] == metrics["digits_fd"]
 
 

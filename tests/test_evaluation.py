@@ -10,6 +10,8 @@ from rdm_lightning.evaluation import frechet
 from rdm_lightning.evaluation.digits import (
     DigitsClassifier,
     DigitsEvaluator,
+    PIXEL_COMPONENTS,
+    PixelBasis,
     load_digits_classifier,
     random_shift,
     train_digits_classifier,
@@ -169,7 +171,8 @@ def test_cached_classifier_below_97_percent_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluator(digits_classifier):
-    return DigitsEvaluator(digits_classifier[0], digits_split().test_images)
+    split = digits_split()
+    return DigitsEvaluator(digits_classifier[0], split.test_images, PixelBasis(split.train_images))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +186,7 @@ def test_real_test_images_score_near_perfect(evaluator, held_out):
     metrics = evaluator.evaluate(images, prompts)
     assert metrics["num_samples"] == 360
     assert metrics["prompt_accuracy"] >= 0.97
-    assert abs(metrics["digits_fd"]) < 1e-6
+    assert abs(metrics["digits_fd"]) < 1e-6 and abs(metrics["pixel_fd"]) < 1e-9
     assert evaluator.evaluate(images.permute(0, 2, 3, 1), prompts) == metrics  # channels-last
 
 
@@ -197,6 +200,46 @@ def test_noise_scores_far_worse_than_real_train_images(evaluator, held_out):
     assert noise["digits_fd"] > 10 * train["digits_fd"] > 0
 
 
+def test_pixel_basis_is_the_leading_principal_components_of_the_train_split():
+    from sklearn.decomposition import PCA
+
+    train = digits_split().train_images
+    basis = PixelBasis(train)
+    reference = PCA(n_components=PIXEL_COMPONENTS).fit(train.flatten(1).double().numpy())
+    # The same directions (up to sign) and the same share of variance as scikit-learn's PCA.
+    np.testing.assert_allclose(np.abs(basis.components.numpy().T @ reference.components_.T), np.eye(PIXEL_COMPONENTS), atol=1e-8)
+    assert basis.explained_variance == pytest.approx(reference.explained_variance_ratio_.sum(), rel=1e-10)
+    assert 0.85 < basis.explained_variance < 0.95
+    with pytest.raises(ValueError, match=r"components must be in \[1, 64\], got 65"):
+        PixelBasis(train, components=65)
+
+
+def test_pixel_fd_of_a_mean_shift_is_the_squared_projected_shift(digits_classifier):
+    # Same covariance, means apart by δ on every pixel: d² = ‖δ·1ᵀVₖ‖² exactly.
+    split = digits_split()
+    basis = PixelBasis(split.train_images)
+    darker = 0.8 * split.test_images
+    evaluator = DigitsEvaluator(digits_classifier[0], darker, basis)
+    prompts = [digit_prompt(label) for label in split.test_labels.tolist()]
+    delta = 0.1
+    expected = float(((delta * torch.ones(64, dtype=torch.float64)) @ basis.components).pow(2).sum())
+    assert evaluator.evaluate(darker + delta, prompts)["pixel_fd"] == pytest.approx(expected, rel=1e-6)
+    # Without truncation the basis is a rotation: pixel FD is the plain Fréchet distance of the pixels.
+    full = DigitsEvaluator(digits_classifier[0], split.test_images, PixelBasis(split.train_images, components=64))
+    images = split.train_images[:400]
+    direct = frechet_distance(*gaussian_statistics(images.flatten(1)), *gaussian_statistics(split.test_images.flatten(1)))
+    assert full.evaluate(images, [digit_prompt(0)] * 400)["pixel_fd"] == pytest.approx(direct, rel=1e-6)
+
+
+def test_real_data_floor_is_the_train_split_against_the_test_split(evaluator):
+    floor = evaluator.real_data_floor()
+    split = digits_split()
+    train = evaluator.evaluate(split.train_images, [digit_prompt(label) for label in split.train_labels.tolist()])
+    assert floor == {"digits_fd": train["digits_fd"], "pixel_fd": train["pixel_fd"], "num_samples": 1437}
+    noise = evaluator.evaluate(torch.rand(360, 1, 8, 8, generator=torch.Generator().manual_seed(0)), [digit_prompt(0)] * 360)
+    assert noise["pixel_fd"] > 10 * floor["pixel_fd"] > 0
+
+
 def test_prompt_accuracy_follows_the_prompts(evaluator, held_out):
     images, _ = held_out
     wrong = [digit_prompt((label + 1) % 10) for label in digits_split().test_labels.tolist()]
@@ -208,6 +251,7 @@ def test_default_evaluator_uses_the_cached_classifier(evaluator, digits_classifi
     default = DigitsEvaluator.default()
     np.testing.assert_allclose(default.reference_mu, evaluator.reference_mu, rtol=1e-6)
     np.testing.assert_allclose(default.reference_cov, evaluator.reference_cov, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(default.reference_pixel_cov, evaluator.reference_pixel_cov, rtol=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,8 @@ def test_digits_evaluation_can_skip_the_teacher(tiny_digits_teacher, tmp_path, r
     model = module(tiny_digits_teacher, dmd=DMDConfig(generator_update_ratio=1))
     fit(model, tmp_path, updates=1, callbacks=[DigitsEvaluation(num_samples=10, evaluate_teacher=False)])
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(report) == {"student", "history"}
+    assert set(report) == {"student", "real_data_floor", "history"}
+    assert set(report["real_data_floor"]) == {"digits_fd", "pixel_fd", "num_samples"}
 
 
 def test_sample_grid_layout_and_fixed_noise(tiny_digits_teacher):

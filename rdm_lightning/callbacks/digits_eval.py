@@ -1,4 +1,4 @@
-"""Digits evaluation during and after fit: digits-FD, prompt accuracy, NFE, sampling time."""
+"""Digits evaluation during and after fit: digits-FD, pixel FD, prompt accuracy, NFE, sampling time."""
 from __future__ import annotations
 
 import json
@@ -95,6 +95,7 @@ class DigitsEvaluation(L.Callback):
         report["student"]["generator_updates"] = pl_module.generator_updates
         if self.evaluate_teacher:
             report["teacher"] = evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed, role="teacher")
+        report["real_data_floor"] = self.evaluator.real_data_floor()
         report["history"] = self.history
         self._write(trainer, report)
 
