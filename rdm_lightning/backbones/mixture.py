@@ -214,17 +214,20 @@ class MixtureBackbone(Backbone):
 
 
 class MixtureSamples(IterableDataset):
-    """Endless batches ``{"prompts": ["class c", …], "images": [B, 2] true samples}``, classes uniform."""
+    """Endless batches ``{"prompts": ["class c", …], "images": [B, 2] true samples}``, classes uniform,
+    each drawn class ``group_size`` times in a row (group-relative methods)."""
 
-    def __init__(self, mixture: GaussianMixture, batch_size: int, seed: int):
+    def __init__(self, mixture: GaussianMixture, batch_size: int, seed: int, group_size: int = 1):
         self.mixture = mixture
         self.batch_size = batch_size
         self.seed = seed
+        self.group_size = group_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
         while True:
-            classes = torch.randint(self.mixture.num_classes, (self.batch_size,), generator=generator)
+            groups = torch.randint(self.mixture.num_classes, (self.batch_size // self.group_size,), generator=generator)
+            classes = groups.repeat_interleave(self.group_size)
             yield {
                 "prompts": [f"class {c}" for c in classes.tolist()],
                 "images": self.mixture.sample(classes, generator).float(),
@@ -237,6 +240,7 @@ class MixtureDataModule(L.LightningDataModule):
     Args:
         batch_size: prompts (and true samples) per batch.
         seed: seed of the batches' classes and samples.
+        group_size: K, each class of a batch repeated K times in a row; must divide ``batch_size``.
     """
 
     def __init__(
@@ -248,14 +252,18 @@ class MixtureDataModule(L.LightningDataModule):
         layout_seed: int = 0,
         batch_size: int = 256,
         seed: int = 0,
+        group_size: int = 1,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(group_size, int) or group_size < 1 or batch_size % group_size:
+            raise ValueError(f"group_size must be an integer >= 1 dividing batch_size={batch_size}, got {group_size!r}")
         self.mixture = ring_layout(num_classes, modes_per_class, separation, mode_std, layout_seed)
         self.batch_size = batch_size
         self.seed = seed
+        self.group_size = group_size
 
     def train_dataloader(self) -> DataLoader:
         """Endless seeded batches; the method's ``max_generator_updates`` ends the run."""
-        return DataLoader(MixtureSamples(self.mixture, self.batch_size, self.seed), batch_size=None)
+        return DataLoader(MixtureSamples(self.mixture, self.batch_size, self.seed, self.group_size), batch_size=None)

@@ -1,0 +1,140 @@
+"""The exact-teacher domain: the closed-form posterior mean, its metrics, and DMD through it."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from rdm_lightning.backbones.mixture import (
+    UNCONDITIONAL,
+    GaussianMixture,
+    MixtureBackbone,
+    MixtureDataModule,
+    mixture_posterior_mean,
+    ring_layout,
+)
+from rdm_lightning.core.sampling import few_step_sample
+from rdm_lightning.evaluation.mixture import (
+    mixture_entropy,
+    mode_coverage,
+    negative_log_likelihood,
+    share_near_modes,
+    sliced_wasserstein1,
+    unit_projections,
+)
+from rdm_lightning.methods import DMD
+from rdm_lightning.methods.base import StudentConfig
+from rdm_lightning.methods.dmd import DMDConfig
+from rdm_lightning.methods.optim import OptimizerConfig
+
+
+def test_posterior_mean_equals_monte_carlo_on_a_tiny_mixture():
+    # Self-normalised importance sampling of x0 from the prior, weighted by p(x_t | x0).
+    mixture = ring_layout(2, 2, separation=1.5, mode_std=0.4, seed=3)
+    x_t = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.9]], dtype=torch.float64)
+    classes = torch.tensor([0, 1, UNCONDITIONAL])
+    alpha, sigma = torch.full((3, 1), 0.6, dtype=torch.float64), torch.full((3, 1), 0.4, dtype=torch.float64)
+    exact = mixture_posterior_mean(x_t, alpha, sigma, mixture.means, mixture.std, mixture.weights(classes))
+    generator = torch.Generator().manual_seed(0)
+    for row in range(3):
+        x0 = mixture.sample(classes[row].repeat(400_000), generator)
+        log_w = -((x_t[row] - alpha[row] * x0) ** 2).sum(1) / (2 * sigma[row] ** 2)
+        estimate = (torch.softmax(log_w, 0)[:, None] * x0).sum(0)
+        torch.testing.assert_close(exact[row], estimate, atol=1e-2, rtol=0)
+
+
+def test_fresh_denoiser_is_the_exact_predictor_and_trainable():
+    backbone = MixtureBackbone(num_classes=2, modes_per_class=2)
+    network = backbone.load_denoiser()
+    assert any(p.requires_grad for p in network.parameters())
+    x_t = torch.randn(5, 2)
+    level = torch.full((5,), 0.3)
+    prompts = ["class 0", "class 1", "", "class 1", "class 0"]
+    x0 = backbone.predict_x0(network, x_t, level, backbone.encode_prompts(prompts))
+    weights = backbone.mixture.weights(backbone.classes(prompts))
+    exact = mixture_posterior_mean(x_t, 1 - level[:, None], level[:, None], backbone.mixture.means, backbone.mixture.std, weights)
+    torch.testing.assert_close(x0.double(), exact, atol=1e-5, rtol=0)
+
+
+def test_teacher_ode_sampler_reaches_the_data_nll():
+    backbone = MixtureBackbone()
+    mixture = backbone.mixture
+    classes = torch.arange(8000) % mixture.num_classes
+    cond = backbone.encode_prompts([f"class {c}" for c in classes.tolist()])
+    network = backbone.load_denoiser()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        samples = few_step_sample(
+            lambda x, t: backbone.predict_x0(network, x, t, cond), torch.randn(8000, 2, generator=generator),
+            backbone.schedule.generator_levels(50), backbone.schedule, "ode",
+        )
+    entropy = mixture_entropy(mixture, classes, generator)
+    assert abs(negative_log_likelihood(samples, classes, mixture) - entropy) < 0.15
+    assert mode_coverage(samples, classes, mixture) == 1.0
+    # Sliced-W1 between two finite draws is dominated by binomial noise in each mode's mass.
+    reference = mixture.sample(classes, generator)
+    floor = sliced_wasserstein1(mixture.sample(classes, generator), reference)
+    assert sliced_wasserstein1(samples, reference) < floor + 0.03
+
+
+def test_bad_layout_and_prompts_are_named():
+    with pytest.raises(ValueError, match="modes_per_class"):
+        MixtureBackbone(modes_per_class=0)
+    with pytest.raises(ValueError, match="mode_std"):
+        MixtureBackbone(mode_std=-1.0)
+    with pytest.raises(ValueError, match="'class 4'"):
+        MixtureBackbone(num_classes=4).encode_prompts(["class 4"])
+    with pytest.raises(ValueError, match="group_size"):
+        MixtureDataModule(batch_size=10, group_size=4)
+
+
+def test_nll_of_a_single_gaussian_at_its_mean():
+    mixture = GaussianMixture(torch.tensor([[1.0, -2.0]], dtype=torch.float64), torch.tensor([0]), 0.5, 1)
+    nll = negative_log_likelihood(torch.tensor([[1.0, -2.0]]), torch.tensor([0]), mixture)
+    assert nll == pytest.approx(math.log(2 * math.pi * 0.5**2))
+
+
+def test_sliced_w1_closed_forms():
+    # Two point masses at a and b: W1 of each projection is |⟨θ, a − b⟩|.
+    shift = torch.tensor([[0.7, -1.2]], dtype=torch.float64)
+    theta = unit_projections(64, 2, seed=0)
+    expected = (theta @ shift.T).abs().mean().item()
+    assert sliced_wasserstein1(torch.zeros(1, 2), shift, 64) == pytest.approx(expected)
+    # Shifted samples: each projection is shifted by ⟨θ, d⟩, whatever the samples.
+    samples = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert sliced_wasserstein1(samples, samples + shift, 64) == pytest.approx(expected)
+    assert sliced_wasserstein1(samples, samples) == 0.0
+
+
+def test_coverage_of_half_the_modes_and_share_near_modes():
+    mixture = ring_layout(2, 2, separation=3.0, mode_std=0.1, seed=0)
+    first_modes = torch.tensor([int((mixture.mode_class == c).nonzero()[0]) for c in range(2)])
+    classes = torch.arange(200) % 2
+    samples = mixture.means[first_modes[classes]] + 0.1 * torch.randn(200, 2, dtype=torch.float64)
+    assert mode_coverage(samples, classes, mixture) == 0.5
+    assert share_near_modes(samples, classes, mixture, k_std=5.0) == 1.0
+    assert share_near_modes(samples + 1.0, classes, mixture, k_std=3.0) == 0.0
+
+
+def test_dmd_updates_run_through_the_mixture_backbone():
+    backbone = MixtureBackbone()
+    module = DMD(
+        backbone,
+        dmd=DMDConfig(guidance_scale=1.0, generator_update_ratio=5),
+        generator_optimizer=OptimizerConfig(lr=1e-3),
+        fake_score_optimizer=OptimizerConfig(lr=1e-3),
+        student=StudentConfig(num_steps=4),
+        max_generator_updates=3,
+    )
+    before = [p.detach().clone() for p in module.generator.parameters()]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=MixtureDataModule(batch_size=64))
+    assert module.generator_updates == 3 and module.iterations == 11
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.generator.parameters()))
+    samples = module.generate(["class 0", "class 3"])
+    assert samples.shape == (2, 2) and torch.isfinite(samples).all()
