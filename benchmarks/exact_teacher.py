@@ -2,6 +2,8 @@
 
     python benchmarks/exact_teacher.py [--steps 1 4] [--updates 300] [--lr 1e-3] [--seeds 0]
                                        [--methods dmd gndm] [--num-samples 4000]
+                                       [--set KEY=VALUE ...] [--ema DECAY] [--critic-on {step,final}]
+                                       [--train-step K] [--per-step]
 
 The teacher (:class:`~rdm_lightning.backbones.mixture.MixtureBackbone`) is the closed-form
 posterior mean at every level, so every gap below is the method's. Each method trains a
@@ -12,19 +14,38 @@ an independent draw of real data (its NLL estimates the entropy; its sliced-W1 i
 finite-sample floor). Methods: ``dmd`` (:class:`~rdm_lightning.methods.DMD`) and ``gndm``
 (:class:`~rdm_lightning.methods.GNDM`'s DM part, its default group settings, no rewards).
 Prints a markdown table: mean ± std over seeds.
+
+Variants (issue 11 part 2), one change against the settings above:
+
+- ``--set KEY=VALUE`` (repeatable) overrides one field of ``dmd.*`` (``DMDConfig``),
+  ``student.*`` (``StudentConfig``), ``generator_optimizer.*`` or ``fake_score_optimizer.*``
+  (``OptimizerConfig``); VALUE is parsed as YAML (``dmd.dm_level_range=[0.5,0.98]``,
+  ``student.step_rule=ode``, ``dmd.backward_simulation=false``). The student is sampled with
+  its own step rule, beside the teacher's sampler with that rule.
+- ``--ema DECAY``: also score the EMA of the generator (``GeneratorEMA(DECAY)``).
+- ``--critic-on final``: the fake score is fit to the final-step output of a full no-grad
+  student rollout instead of this iteration's x̂0 (step k); benchmark-only, via the
+  ``critic_inputs`` hook.
+- ``--train-step K``: backward simulation always to step ``K`` (``K = steps − 1``: the DM loss
+  and the fake score both on the final step's x̂0 only); benchmark-only.
+- ``--per-step``: score the x̂0 of every step k of the teacher's few-step sampler (the student
+  at initialisation), i.e. what the fake score is fit to under backward simulation.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
 
 import lightning as L
 import torch
+import yaml
 from torch import Tensor, nn
 
 from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule
+from rdm_lightning.callbacks.ema import GeneratorEMA
 from rdm_lightning.core.sampling import few_step_sample
 from rdm_lightning.evaluation.mixture import mixture_metrics
 from rdm_lightning.methods import DMD, GNDM
@@ -40,30 +61,106 @@ BATCH_SIZE = 256
 METRICS = ("nll", "sliced_w1", "coverage", "near_modes")
 
 
-def make_module(method: str, backbone: MixtureBackbone, steps: int, lr: float, seed: int, updates: int) -> DMD:
-    """The method's module with the issue's DMD settings: TTUR 5, CFG 1, backward simulation."""
-    dmd = DMDConfig(guidance_scale=1.0, generator_update_ratio=5, backward_simulation=True)
-    common = dict(
-        generator_optimizer=OptimizerConfig(lr=lr), fake_score_optimizer=OptimizerConfig(lr=lr),
-        student=StudentConfig(num_steps=steps, step_rule="sde"), seed=seed, max_generator_updates=updates,
-    )
+OVERRIDABLE = ("dmd", "student", "generator_optimizer", "fake_score_optimizer")
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["dmd.generator_update_ratio=10", ...]`` → ``{"dmd": {"generator_update_ratio": 10}, ...}``."""
+    overrides: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        group, dot, field = key.partition(".")
+        if not sep or not dot or group not in OVERRIDABLE:
+            raise ValueError(f"--set {item!r}: expected GROUP.FIELD=VALUE with GROUP in {OVERRIDABLE}")
+        parsed = yaml.safe_load(value)
+        overrides.setdefault(group, {})[field] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return overrides
+
+
+def make_module(
+    method: str, backbone: MixtureBackbone, steps: int, lr: float, seed: int, updates: int,
+    overrides: dict[str, dict] | None = None, critic_on: str = "step", train_step: int | None = None,
+) -> DMD:
+    """The method's module with the issue's DMD settings: TTUR 5, CFG 1, backward simulation,
+    then ``overrides`` (``parse_overrides``) applied field by field."""
+    overrides = overrides or {}
     if method == "dmd":
-        return DMD(backbone, dmd=dmd, **common)
-    if method == "gndm":
-        return GNDM(backbone, dmd=DMDConfig(guidance_scale=1.0, generator_update_ratio=5, norm_eps=1e-8), **common)
-    raise ValueError(f"unknown method {method!r}; accepted: {METHODS}")
+        dmd = DMDConfig(guidance_scale=1.0, generator_update_ratio=5, backward_simulation=True)
+    elif method == "gndm":
+        dmd = DMDConfig(guidance_scale=1.0, generator_update_ratio=5, norm_eps=1e-8)
+    else:
+        raise ValueError(f"unknown method {method!r}; accepted: {METHODS}")
+    configs = {
+        "dmd": dmd, "student": StudentConfig(num_steps=steps, step_rule="sde"),
+        "generator_optimizer": OptimizerConfig(lr=lr), "fake_score_optimizer": OptimizerConfig(lr=lr),
+    }
+    for group, fields in overrides.items():
+        configs[group] = dataclasses.replace(configs[group], **fields)
+    cls = {"dmd": DMD, "gndm": GNDM}[method]
+    if critic_on == "final":
+        cls = type(f"{cls.__name__}FinalCritic", (FinalStepCritic, cls), {})
+    elif critic_on != "step":
+        raise ValueError(f"critic_on must be 'step' or 'final', got {critic_on!r}")
+    if train_step is not None:
+        if not 0 <= train_step < steps:
+            raise ValueError(f"train_step must lie in [0, {steps - 1}], got {train_step}")
+        cls = type(f"{cls.__name__}Step{train_step}", (FixedTrainStep, cls), {"train_step": train_step})
+    return cls(backbone, **configs, seed=seed, max_generator_updates=updates)
 
 
-def train(module: DMD, group_size: int, seed: int) -> float:
+class FixedTrainStep:
+    """Mixin: backward simulation always to step ``train_step`` (the generator's and the fake
+    score's x̂0 are then those of that one step)."""
+
+    train_step = 0
+
+    def shared_randint(self, high):
+        super().shared_randint(high)  # keep the random stream aligned with the baseline
+        return self.train_step
+
+
+class FinalStepCritic:
+    """Mixin: the fake score is fit to the final-step output of a full no-grad student rollout
+    (the distribution the student samples), not to this iteration's x̂0 at step k."""
+
+    def critic_inputs(self, batch, cond, x0):
+        levels = self.student_levels()
+        noise = self.randn((len(x0), *self.backbone.latent_shape))
+        with torch.no_grad():
+            final = few_step_sample(
+                lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond), noise, levels,
+                self.backbone.schedule, self.student.step_rule, self.rng,
+            )
+        return batch, cond, final
+
+
+def train(module: DMD, group_size: int, seed: int, ema: float | None = None) -> float:
     """Fit ``module`` on the mixture's batches until its generator-update budget; returns minutes."""
     data = MixtureDataModule(batch_size=BATCH_SIZE, seed=seed, group_size=group_size)
     trainer = L.Trainer(
+        callbacks=[GeneratorEMA(ema)] if ema is not None else [],
         accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return (time.perf_counter() - start) / 60
+
+
+@torch.no_grad()
+def per_step_x0(backbone: MixtureBackbone, network: nn.Module, prompts: list[str], levels: Tensor, rule: str) -> list[Tensor]:
+    """The x̂0 of every step of ``network``'s sampler through ``levels`` (same noise as :func:`sample`)."""
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    noise = torch.randn((len(prompts), *backbone.latent_shape), generator=generator)
+    cond = backbone.encode_prompts(prompts)
+    outputs = []
+
+    def denoise(x, t):
+        outputs.append(backbone.predict_x0(network, x, t, cond))
+        return outputs[-1]
+
+    few_step_sample(denoise, noise, levels, backbone.schedule, rule, generator)
+    return outputs
 
 
 @torch.no_grad()
@@ -98,7 +195,17 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--methods", nargs="+", default=["dmd"], choices=METHODS)
     parser.add_argument("--num-samples", type=int, default=4000)
+    parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+                        help="override one config field (dmd, student, generator_optimizer, fake_score_optimizer)")
+    parser.add_argument("--ema", type=float, default=None, help="also score the generator's EMA at this decay")
+    parser.add_argument("--critic-on", choices=("step", "final"), default="step",
+                        help="fit the fake score to this iteration's x̂0 (step) or a full rollout's output (final)")
+    parser.add_argument("--train-step", type=int, default=None, help="always train backward-simulation step K")
+    parser.add_argument("--per-step", action="store_true", help="score each step's x̂0 of the teacher sampler")
+    parser.add_argument("--no-reference", action="store_true", help="skip the real-data and 200-step rows")
     args = parser.parse_args()
+    overrides = parse_overrides(args.set)
+    rule = overrides.get("student", {}).get("step_rule", "sde")
     # Batches of a few hundred 2-D points: thread hand-offs cost more than they save.
     torch.set_num_threads(1)
 
@@ -113,25 +220,40 @@ def main() -> None:
 
     teacher = backbone.load_denoiser()
     schedule = backbone.schedule
-    rows = {"real data (independent draw)": [scores(mixture.sample(classes, torch.Generator().manual_seed(EVAL_SEED + 2)))]}
-    for rule in ("sde", "ode"):
-        rows[f"teacher {TEACHER_STEPS}-step {rule}"] = [
-            scores(sample(backbone, teacher, prompts, schedule.generator_levels(TEACHER_STEPS), rule))
-        ]
+    rows = {}
+    if not args.no_reference:
+        rows["real data (independent draw)"] = [scores(mixture.sample(classes, torch.Generator().manual_seed(EVAL_SEED + 2)))]
+        for teacher_rule in ("sde", "ode"):
+            rows[f"teacher {TEACHER_STEPS}-step {teacher_rule}"] = [
+                scores(sample(backbone, teacher, prompts, schedule.generator_levels(TEACHER_STEPS), teacher_rule))
+            ]
+    variant = " ".join(args.set + ([f"ema {args.ema:g}"] if args.ema is not None else [])
+                       + (["critic on final step"] if args.critic_on == "final" else [])
+                       + ([f"train step {args.train_step}"] if args.train_step is not None else []))
     for steps in args.steps:
-        rows[f"teacher {steps}-step sde (student init)"] = [
-            scores(sample(backbone, teacher, prompts, schedule.generator_levels(steps), "sde"))
+        rows[f"teacher {steps}-step {rule} (student init)"] = [
+            scores(sample(backbone, teacher, prompts, schedule.generator_levels(steps), rule))
         ]
+        if args.per_step:
+            for k, x0 in enumerate(per_step_x0(backbone, teacher, prompts, schedule.generator_levels(steps), rule)):
+                rows[f"teacher {steps}-step {rule}, x̂0 of step k={k}"] = [scores(x0)]
         for method in args.methods:
             group_size = GNDMConfig().group_size if method == "gndm" else 1
-            runs = []
+            runs, ema_runs = [], []
             for seed in args.seeds:
                 torch.manual_seed(seed)
-                module = make_module(method, backbone, steps, args.lr, seed, args.updates)
-                minutes = train(module, group_size, seed)
-                runs.append(scores(sample(backbone, module.generator, prompts, module.student_levels(), "sde")))
+                module = make_module(method, backbone, steps, args.lr, seed, args.updates, overrides, args.critic_on, args.train_step)
+                minutes = train(module, group_size, seed, args.ema)
+                levels = module.student_levels()
+                runs.append(scores(sample(backbone, module.generator, prompts, levels, module.student.step_rule)))
                 print(f"{method} {steps}-step seed {seed}: {runs[-1]} ({minutes:.1f} min)", file=sys.stderr)
-            rows[f"{method} {steps}-step, {args.updates} updates, lr {args.lr:g}"] = runs
+                if args.ema is not None:
+                    ema_runs.append(scores(sample(backbone, module.generator_ema, prompts, levels, module.student.step_rule)))
+                    print(f"  EMA: {ema_runs[-1]}", file=sys.stderr)
+            name = f"{method} {steps}-step, {args.updates} updates, lr {args.lr:g}" + (f", {variant}" if variant else "")
+            rows[name] = runs
+            if ema_runs:
+                rows[name + " (EMA)"] = ema_runs
     print(markdown_table(rows))
 
 
