@@ -138,3 +138,52 @@ def test_dmd_updates_run_through_the_mixture_backbone():
     assert any(not torch.equal(a, b) for a, b in zip(before, module.generator.parameters()))
     samples = module.generate(["class 0", "class 3"])
     assert samples.shape == (2, 2) and torch.isfinite(samples).all()
+
+
+def _train_mixture_dmd(dmd: DMDConfig, monkeypatch=None, updates: int = 3) -> tuple[DMD, list]:
+    """A 4-step DMD on the mixture for ``updates`` generator updates; records the critic's samples."""
+    torch.manual_seed(0)
+    module = DMD(
+        MixtureBackbone(), dmd=dmd, generator_optimizer=OptimizerConfig(lr=1e-3),
+        fake_score_optimizer=OptimizerConfig(lr=1e-3), student=StudentConfig(num_steps=4), seed=0,
+        max_generator_updates=updates,
+    )
+    seen = []
+    original = module.fake_score_loss
+    module.fake_score_loss = lambda x0, cond, batch: (seen.append(x0.clone()), original(x0, cond, batch))[1]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=MixtureDataModule(batch_size=32, seed=0))
+    return module, seen
+
+
+def test_critic_on_final_step_off_changes_nothing(monkeypatch):
+    assert DMDConfig().critic_on_final_step is False
+    with pytest.raises(ValueError, match="critic_on_final_step"):
+        DMDConfig(critic_on_final_step=1)
+    calls = []
+    monkeypatch.setattr(DMD, "final_step_samples", lambda self, cond, n: calls.append(n))
+    default, seen_default = _train_mixture_dmd(DMDConfig(guidance_scale=1.0, generator_update_ratio=2))
+    off, seen_off = _train_mixture_dmd(DMDConfig(guidance_scale=1.0, generator_update_ratio=2, critic_on_final_step=False))
+    assert calls == []  # off: no rollout, no extra random draws
+    for a, b in zip(seen_default, seen_off, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(default.generator.parameters(), off.generator.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_critic_on_final_step_fits_the_rollout_output(monkeypatch):
+    rollouts = []
+    original = DMD.final_step_samples
+
+    def record(self, cond, n):
+        rollouts.append(original(self, cond, n))
+        return rollouts[-1]
+
+    monkeypatch.setattr(DMD, "final_step_samples", record)
+    module, seen = _train_mixture_dmd(DMDConfig(guidance_scale=1.0, generator_update_ratio=2, critic_on_final_step=True))
+    assert len(rollouts) == len(seen) == module.iterations
+    for a, b in zip(rollouts, seen, strict=True):
+        assert a is not None and torch.equal(a, b)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.dmd import dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss
-from rdm_lightning.core.sampling import backward_simulation_input
+from rdm_lightning.core.sampling import backward_simulation_input, few_step_sample
 from rdm_lightning.methods.base import (
     DistillationModule,
     StudentConfig,
@@ -50,6 +50,13 @@ class DMDConfig:
     """``w_D`` of the discriminator loss added to the fake-score loss."""
     backward_simulation: bool = True
     """Train a multi-step student at a random step ``k`` (DMD2); ``False`` trains step 0 only."""
+    critic_on_final_step: bool = False
+    """Fit the fake score to the final-step output of a full no-grad student rollout instead of
+    this iteration's x̂0 at step ``k``. Off (DMD2): under backward simulation the fake score then
+    fits the mixture of every step's x̂0, mostly blurry early-step outputs, while the DM gradient
+    compares it with one step's x̂0; on the exact-teacher benchmark this mismatch is what drives
+    a 4-step student off the modes (``docs/methods/dmd.md``, issue 11). Costs ``num_steps``
+    extra generator forwards per iteration."""
 
     def __post_init__(self):
         check_guidance_scale("dmd.guidance_scale", self.guidance_scale)
@@ -63,6 +70,8 @@ class DMDConfig:
             low, high = getattr(self, name)
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high <= 1, got {(low, high)}")
+        if not isinstance(self.critic_on_final_step, bool):
+            raise ValueError(f"dmd.critic_on_final_step must be a bool, got {self.critic_on_final_step!r}")
         for name in ("norm_eps", "gan_generator_weight", "gan_discriminator_weight"):
             check_finite(f"dmd.{name}", getattr(self, name))
         if self.norm_eps < 0:
@@ -253,6 +262,18 @@ class DMD(DistillationModule):
         """
         return batch, cond, x0
 
+    @torch.no_grad()
+    def final_step_samples(self, cond: Conditioning, n: int) -> Tensor:
+        """The final-step x̂0 of a full no-grad rollout of the student sampler (``critic_on_final_step``)."""
+        return few_step_sample(
+            lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond),
+            self.randn((n, *self.backbone.latent_shape)),
+            self.student_levels(),
+            self.backbone.schedule,
+            self.student.step_rule,
+            generator=self.rng,
+        )
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         update_generator = self.is_generator_iteration()
         batch, cond, x_in, level = self.training_inputs(batch, update_generator)
@@ -269,6 +290,8 @@ class DMD(DistillationModule):
             with torch.no_grad():
                 x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
         batch, cond, x0 = self.critic_inputs(batch, cond, x0)
+        if self.dmd.critic_on_final_step:
+            x0 = self.final_step_samples(cond, len(x0))
         with self.trainable_role("fake_score"):
             loss, fake_logs = self.fake_score_loss(x0, cond, batch)
             self.step_role("fake_score", loss)
