@@ -73,6 +73,11 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         if not sep or not dot or group not in OVERRIDABLE:
             raise ValueError(f"--set {item!r}: expected GROUP.FIELD=VALUE with GROUP in {OVERRIDABLE}")
         parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
         overrides.setdefault(group, {})[field] = tuple(parsed) if isinstance(parsed, list) else parsed
     return overrides
 
