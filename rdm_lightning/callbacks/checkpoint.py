@@ -207,10 +207,10 @@ def _ends_training(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
     The final checkpoint is written at that batch's end: once the loop has wound down, Lightning's
     progress counts the cut epoch as finished, and a run resumed from there would renumber epochs.
     """
-    budget = getattr(pl_module, "max_generator_updates", None)
+    # The module stops itself at its budget only in its own batch-end hook, which runs after this one.
     return (
         trainer.should_stop
-        or (budget is not None and progress_count(trainer, pl_module) >= budget)
+        or getattr(pl_module, "budget_reached", False)
         or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
     )
 

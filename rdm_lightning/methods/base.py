@@ -173,13 +173,18 @@ class DistillationModule(L.LightningModule):
         if self.iterations == 0:
             self.rng.manual_seed(self.seed + self.global_rank)
 
+    @property
+    def budget_reached(self) -> bool:
+        """Whether ``max_generator_updates`` generator updates are done (never, without a budget)."""
+        return self.max_generator_updates is not None and self.generator_updates >= self.max_generator_updates
+
     def on_train_start(self) -> None:
         # A run resumed at its budget (from its final checkpoint) stops before another iteration.
-        if self.max_generator_updates is not None and self.generator_updates >= self.max_generator_updates:
+        if self.budget_reached:
             self.trainer.should_stop = True
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.max_generator_updates is not None and self.generator_updates >= self.max_generator_updates:
+        if self.budget_reached:
             self.trainer.should_stop = True
 
     # ---- randomness -----------------------------------------------------------------------
