@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +55,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped when torch's zip format allows it: callers read the hyperparameters and loop
+        # state, and Lightning loads the weights again itself, so an SD-scale checkpoint is not read
+        # twice at start-up.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch/zip/pickle errors never name the file
         reason = str(error).strip().split("\n")[0].split(". ")[0]
         raise ValueError(
