@@ -2,8 +2,8 @@
 
     python benchmarks/exact_teacher.py [--steps 1 4] [--updates 300] [--lr 1e-3] [--seeds 0]
                                        [--methods dmd gndm] [--num-samples 4000]
-                                       [--set KEY=VALUE ...] [--ema DECAY] [--critic-on {step,final}]
-                                       [--train-step K] [--per-step]
+                                       [--set KEY=VALUE ...] [--ema DECAY] [--train-step K] [--per-step]
+                                       [--hidden WIDTH]
 
 The teacher (:class:`~rdm_lightning.backbones.mixture.MixtureBackbone`) is the closed-form
 posterior mean at every level, so every gap below is the method's. Each method trains a
@@ -23,17 +23,19 @@ Variants (issue 11 part 2), one change against the settings above:
   ``student.step_rule=ode``, ``dmd.backward_simulation=false``). The student is sampled with
   its own step rule, beside the teacher's sampler with that rule.
 - ``--ema DECAY``: also score the EMA of the generator (``GeneratorEMA(DECAY)``).
-- ``--critic-on final``: the fake score is fit to the final-step output of a full no-grad
-  student rollout instead of this iteration's x̂0 (step k); benchmark-only, via the
-  ``critic_inputs`` hook.
 - ``--train-step K``: backward simulation always to step ``K`` (``K = steps − 1``: the DM loss
   and the fake score both on the final step's x̂0 only); benchmark-only.
+- ``--per-step-critic``: one fake score per student step, each fit to (and compared with) only
+  its own step's x̂0, so no critic sees the mixture of steps; benchmark-only.
+- ``--unrolled``: the generator's x̂0 is the final output of a full student rollout with
+  gradient through every step, and the fake score is fit to those outputs; benchmark-only.
 - ``--per-step``: score the x̂0 of every step k of the teacher's few-step sampler (the student
   at initialisation), i.e. what the fake score is fit to under backward simulation.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -84,7 +86,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 
 def make_module(
     method: str, backbone: MixtureBackbone, steps: int, lr: float, seed: int, updates: int,
-    overrides: dict[str, dict] | None = None, critic_on: str = "step", train_step: int | None = None,
+    overrides: dict[str, dict] | None = None, train_step: int | None = None, per_step_critic: bool = False,
+    unrolled: bool = False,
 ) -> DMD:
     """The method's module with the issue's DMD settings: TTUR 5, CFG 1, backward simulation,
     then ``overrides`` (``parse_overrides``) applied field by field."""
@@ -102,14 +105,16 @@ def make_module(
     for group, fields in overrides.items():
         configs[group] = dataclasses.replace(configs[group], **fields)
     cls = {"dmd": DMD, "gndm": GNDM}[method]
-    if critic_on == "final":
-        cls = type(f"{cls.__name__}FinalCritic", (FinalStepCritic, cls), {})
-    elif critic_on != "step":
-        raise ValueError(f"critic_on must be 'step' or 'final', got {critic_on!r}")
     if train_step is not None:
         if not 0 <= train_step < steps:
             raise ValueError(f"train_step must lie in [0, {steps - 1}], got {train_step}")
         cls = type(f"{cls.__name__}Step{train_step}", (FixedTrainStep, cls), {"train_step": train_step})
+    if (per_step_critic or unrolled) and method != "dmd":
+        raise ValueError(f"--per-step-critic and --unrolled are DMD variants, got method {method!r}")
+    if per_step_critic:
+        cls = type(f"{cls.__name__}PerStepCritic", (PerStepCritic, cls), {})
+    if unrolled:
+        cls = type(f"{cls.__name__}Unrolled", (UnrolledRollout, cls), {})
     return cls(backbone, **configs, seed=seed, max_generator_updates=updates)
 
 
@@ -124,19 +129,58 @@ class FixedTrainStep:
         return self.train_step
 
 
-class FinalStepCritic:
-    """Mixin: the fake score is fit to the final-step output of a full no-grad student rollout
-    (the distribution the student samples), not to this iteration's x̂0 at step k."""
+class StepFakeScores(nn.Module):
+    """``num_steps`` fake scores behind one module: calls go to ``networks[active]``."""
 
-    def critic_inputs(self, batch, cond, x0):
-        levels = self.student_levels()
-        noise = self.randn((len(x0), *self.backbone.latent_shape))
-        with torch.no_grad():
-            final = few_step_sample(
-                lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond), noise, levels,
-                self.backbone.schedule, self.student.step_rule, self.rng,
-            )
-        return batch, cond, final
+    def __init__(self, networks: list[nn.Module]):
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+        self.active = 0
+
+    def forward(self, *args, **kwargs):
+        return self.networks[self.active](*args, **kwargs)
+
+
+class PerStepCritic:
+    """Mixin: a fake score per student step; the iteration's backward-simulation step ``k`` picks
+    the one that is fit to its x̂0 and that the DM gradient compares with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fake_score = StepFakeScores([copy.deepcopy(self.fake_score) for _ in range(self.student.num_steps)])
+
+    def shared_randint(self, high):
+        step = super().shared_randint(high)
+        self.fake_score.active = step
+        return step
+
+
+class UnrolledRollout:
+    """Mixin: the generator's x̂0 (DM loss and critic batch) is the final output of a full student
+    rollout from pure noise, with gradient through every step when the generator updates."""
+
+    def rollout(self, cond, n: int) -> Tensor:
+        return few_step_sample(
+            lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond),
+            self.randn((n, *self.backbone.latent_shape)), self.student_levels(), self.backbone.schedule,
+            self.student.step_rule, self.rng,
+        )
+
+    def training_step(self, batch, batch_idx):
+        prompts = batch["prompts"]
+        cond = self.backbone.encode_prompts(prompts)
+        uncond = self.backbone.empty_conditioning(len(prompts))
+        if self.is_generator_iteration():
+            with self.trainable_role("generator"):
+                x0 = self.rollout(cond, len(prompts))
+                self.step_role("generator", self.generator_loss(x0, cond, uncond, batch)[0])
+            x0 = x0.detach()
+        else:
+            with torch.no_grad():
+                x0 = self.rollout(cond, len(prompts))
+        with self.trainable_role("fake_score"):
+            self.step_role("fake_score", self.fake_score_loss(x0, cond, batch)[0])
+        self.iterations += 1
 
 
 def train(module: DMD, group_size: int, seed: int, ema: float | None = None) -> float:
@@ -203,9 +247,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
                         help="override one config field (dmd, student, generator_optimizer, fake_score_optimizer)")
     parser.add_argument("--ema", type=float, default=None, help="also score the generator's EMA at this decay")
-    parser.add_argument("--critic-on", choices=("step", "final"), default="step",
-                        help="fit the fake score to this iteration's x̂0 (step) or a full rollout's output (final)")
     parser.add_argument("--train-step", type=int, default=None, help="always train backward-simulation step K")
+    parser.add_argument("--per-step-critic", action="store_true", help="one fake score per student step")
+    parser.add_argument("--unrolled", action="store_true", help="DM on the final output of a rollout with grad")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the denoiser's residual MLP (every role)")
     parser.add_argument("--per-step", action="store_true", help="score each step's x̂0 of the teacher sampler")
     parser.add_argument("--no-reference", action="store_true", help="skip the real-data and 200-step rows")
     args = parser.parse_args()
@@ -214,7 +259,7 @@ def main() -> None:
     # Batches of a few hundred 2-D points: thread hand-offs cost more than they save.
     torch.set_num_threads(1)
 
-    backbone = MixtureBackbone()
+    backbone = MixtureBackbone(hidden=args.hidden)
     mixture = backbone.mixture
     classes = torch.arange(args.num_samples) % mixture.num_classes
     prompts = [f"class {c}" for c in classes.tolist()]
@@ -233,8 +278,9 @@ def main() -> None:
                 scores(sample(backbone, teacher, prompts, schedule.generator_levels(TEACHER_STEPS), teacher_rule))
             ]
     variant = " ".join(args.set + ([f"ema {args.ema:g}"] if args.ema is not None else [])
-                       + (["critic on final step"] if args.critic_on == "final" else [])
-                       + ([f"train step {args.train_step}"] if args.train_step is not None else []))
+                       + ([f"train step {args.train_step}"] if args.train_step is not None else [])
+                       + (["per-step critic"] if args.per_step_critic else []) + (["unrolled"] if args.unrolled else [])
+                       + ([f"hidden {args.hidden}"] if args.hidden != 128 else []))
     for steps in args.steps:
         rows[f"teacher {steps}-step {rule} (student init)"] = [
             scores(sample(backbone, teacher, prompts, schedule.generator_levels(steps), rule))
@@ -247,7 +293,8 @@ def main() -> None:
             runs, ema_runs = [], []
             for seed in args.seeds:
                 torch.manual_seed(seed)
-                module = make_module(method, backbone, steps, args.lr, seed, args.updates, overrides, args.critic_on, args.train_step)
+                module = make_module(method, backbone, steps, args.lr, seed, args.updates, overrides, args.train_step,
+                                     args.per_step_critic, args.unrolled)
                 minutes = train(module, group_size, seed, args.ema)
                 levels = module.student_levels()
                 runs.append(scores(sample(backbone, module.generator, prompts, levels, module.student.step_rule)))

@@ -106,7 +106,8 @@ class RunCheckpoint(Checkpoint):
         start = time.perf_counter()
         path = self.last_path(trainer)
         partial = path.with_name(f"{path.name}.partial")
-        trainer.save_checkpoint(partial)
+        # Full state (optimizers, loops, callbacks): resuming needs all of it.
+        trainer.save_checkpoint(partial, weights_only=False)
         trainer.strategy.barrier("RunCheckpoint.save")
         if trainer.is_global_zero:
             _replace(partial, path)
