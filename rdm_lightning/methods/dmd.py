@@ -52,11 +52,10 @@ class DMDConfig:
     """Train a multi-step student at a random step ``k`` (DMD2); ``False`` trains step 0 only."""
     critic_on_final_step: bool = False
     """Fit the fake score to the final-step output of a full no-grad student rollout instead of
-    this iteration's x̂0 at step ``k``. Off (DMD2): under backward simulation the fake score then
-    fits the mixture of every step's x̂0, mostly blurry early-step outputs, while the DM gradient
-    compares it with one step's x̂0; on the exact-teacher benchmark this mismatch is what drives
-    a 4-step student off the modes (``docs/methods/dmd.md``, issue 11). Costs ``num_steps``
-    extra generator forwards per iteration."""
+    this iteration's x̂0 at step ``k``; costs ``num_steps`` extra generator forwards per iteration.
+    A measured variant, not a fix (``docs/methods/dmd.md``, student fidelity): from a teacher whose
+    few-step sampler is already good (the exact-teacher benchmark) it stops the 4-step student's
+    drift, but on digits, where the early steps must change, it diverges after ~700 updates."""
 
     def __post_init__(self):
         check_guidance_scale("dmd.guidance_scale", self.guidance_scale)
