@@ -14,7 +14,8 @@ the update the optimizer sees. A normaliser gives the more robust direction when
 draw's gradient agrees better with the many-draw mean: the table gives the mean cosine of
 a draw's gradient to that mean and the signal-to-noise ratio ‖ḡ‖² / E‖g − ḡ‖²
 (``rdm_lightning.evaluation.direction``), and the within-group spread of ``n_i`` (the
-coefficient of variation; A1 equals DMD when it is 0, ``gndm.md`` check 1).
+coefficient of variation; A1 equals DMD when it is 0; ``docs/methods/gndm.md``,
+"Group size and the direction of one update").
 
 Prompts: the first B/K lines of ``--prompts-file``, or the digits 0-9 in turn. With one level
 per group, a smaller K gives the batch more distinct levels; the SNR shows what that buys.

@@ -1,4 +1,4 @@
-"""AC-DMD, RTDMD stage 1 (rtdmd.md §3, §5 "Stage 1"; acceptance check 3 at module level).
+"""AC-DMD, RTDMD stage 1 (docs/methods/rtdmd.md, "Stage 1, ``ACDMD``"; the generator gradient at module level).
 
 On the tiny random digits teacher: the zero gradient of a fresh module and ∂L_G/∂x_s = g/N,
 gradient isolation of the rollout prefix, rank-shared k / t_r / Δ, the fake-score loss against

@@ -1,7 +1,7 @@
 """Group advantages, reward weights, gradient-scale matching, IS ratios and the PPO loss.
 
-Closed forms and invariants, plus ``gndm.md`` acceptance checks 3–6, ``gdmd.md``
-check 3 and ``grpo.md`` checks 4–6 as far as they concern these functions.
+Closed forms and invariants, plus the GNDM (``docs/methods/gndm.md``), GDMD (``docs/methods/gdmd.md``) and PPO
+(``docs/methods/rtdmd.md``) requirements as far as they concern these functions.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def test_combine_weighted_names_missing_and_unknown_weights(weights, message):
         combine_weighted({"a": torch.zeros(2), "b": torch.zeros(2)}, weights)
 
 
-# --- weights (gndm.md check 3, gdmd.md check 3) ------------------------------------------------
+# --- weights (docs/methods/gndm.md, docs/methods/gdmd.md) --------------------------------------
 
 
 def test_identical_rewards_give_unit_weights_and_weights_are_bounded():
@@ -154,7 +154,7 @@ def test_softmax_weights_average_one_per_group_without_cap_and_respect_the_cap()
                                softmax_group_weights(advantages / 2, 4, w_max=None))
 
 
-# --- gradient-scale matching (gndm.md check 4) -------------------------------------------------
+# --- gradient-scale matching (docs/methods/gndm.md, W2) ----------------------------------------
 
 
 def test_scale_matched_gradient_has_mean_abs_q_over_q_plus_eps():
@@ -176,7 +176,7 @@ def test_reward_guided_direction_closed_form_and_zero_lambda_is_bit_identical():
         reward_guided_direction(g, {"hps": hps, "clip": clip}, {"hps": 0.3, "ocr": 0.1})
 
 
-# --- importance ratios (gndm.md check 5) -------------------------------------------------------
+# --- importance ratios (docs/methods/gndm.md, "Importance sampling") ---------------------------
 
 
 def test_importance_ratio_is_one_when_unchanged_and_without_prefix():
@@ -194,7 +194,7 @@ def test_importance_ratio_sums_steps_is_clipped_and_detached():
         clipped_importance_ratio(new, new, 1.5)
 
 
-# --- PPO loss (grpo.md checks 4 and 6) ---------------------------------------------------------
+# --- PPO loss (docs/methods/rtdmd.md, "Stage 2, `RTDMD`") --------------------------------------
 
 
 def test_ppo_loss_is_minus_mean_advantage_at_ratio_one():
@@ -232,7 +232,7 @@ def test_ppo_broadcasts_the_advantage_over_steps_and_never_differentiates_old_or
         ppo_clipped_loss(advantages, new, torch.zeros(2), 0.2)
 
 
-# --- cross-rank statistics (gndm.md check 6) ---------------------------------------------------
+# --- cross-rank statistics (docs/methods/gndm.md) ----------------------------------------------
 
 
 def test_gathered_statistics_are_identical_on_every_rank():

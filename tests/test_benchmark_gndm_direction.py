@@ -27,7 +27,8 @@ def measure(module, groups=3, draws=6, seed=0):
 
 
 def test_group_size_one_gives_both_normalisers_the_same_statistics(tiny_digits_teacher):
-    # K = 1: n̄ = n_i, so A1 is DMD (gndm.md check 1) down to the parameter gradients.
+    # K = 1: n̄ = n_i, so A1 is DMD down to the parameter gradients (docs/methods/gndm.md,
+    # "Group size and the direction of one update").
     result = measure(make_gndm(tiny_digits_teacher, group_size=1), groups=8)
     assert result["per_sample_cosine"] == result["group_mean_cosine"]
     assert result["per_sample_snr"] == result["group_mean_snr"]

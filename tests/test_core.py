@@ -1,8 +1,7 @@
 """Pure tensor math of ``rdm_lightning.core`` against closed forms and invariants.
 
 Covers schedules, parameterizations, the DM gradient and GAN losses, the few-step
-sampler / backward simulation and the parameter EMA (``dmd2.md`` acceptance
-checks 1, 2, 4, 5 and the k = 0 part of 6).
+sampler / backward simulation and the parameter EMA (``docs/methods/dmd.md``).
 """
 from __future__ import annotations
 

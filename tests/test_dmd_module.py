@@ -1,4 +1,4 @@
-"""The DMD LightningModule end to end on a tiny random digits teacher (dmd2.md acceptance checks 2, 3, 6).
+"""The DMD LightningModule end to end on a tiny random digits teacher (docs/methods/dmd.md).
 
 Covers TTUR and gradient isolation between roles, the zero DMD gradient of a
 fresh module, backward simulation, frozen roles and checkpoints, NaN and
@@ -166,7 +166,7 @@ def test_ttur_steps_and_role_isolation(tiny_digits_teacher, monkeypatch):
     assert module.generator_updates == 4
     assert module.role_updates == {"generator": 4, "fake_score": 20}
     assert trainer.global_step == 24  # Lightning counts every role's optimizer steps
-    # Within an iteration the generator updates first, then the critic (dmd2.md §4).
+    # Within an iteration the generator updates first, then the critic (docs/methods/dmd.md).
     assert recorder.steps[:3] == [("generator", 0), ("fake_score", 0), ("fake_score", 1)]
 
     generator_steps = [r for r in records if r["role"] == "generator"]

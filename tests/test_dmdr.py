@@ -1,4 +1,4 @@
-"""DMDR (dmdr.md acceptance checks 2, 4, 5, 6 and the DynaDG schedule of check 1) and its schedules."""
+"""DMDR (docs/methods/dmdr.md) and its schedules, DynaDG's included."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""GDMD (gdmd.md acceptance checks 1, 2, 4, 5 and check 3 at the module level) on a tiny random digits teacher.
+"""GDMD (docs/methods/gdmd.md) on a tiny random digits teacher, its reward weights at the module level.
 
 The weight functions themselves (check 3: group mean 1 without cap, cap respected)
 are covered in ``tests/test_advantages.py``. The B2 auxiliary is checked against
@@ -224,7 +224,8 @@ def test_non_differentiable_rewards_and_config_errors(tiny_digits_teacher):
 
 
 def closed_form_b2_grad(module: GDMD, x0, gradient, lam: float):
-    """``∂L/∂x`` of GDMD with B2 at weight λ from closed forms (module docstring, gdmd.md §2.3), for LinearRewards.
+    """``∂L/∂x`` of GDMD with B2 at weight λ from closed forms (module docstring, docs/methods/gdmd.md),
+    for LinearRewards.
 
     matched: ``w_i·(η·g_i − λ·Σ_m ω_m·ĝ^m_i) / N``; raw: ``w_i·η·g_i / N − (λ/B)·Σ_m ω_m·γ^m_i``,
     with γ^m at the target ``x̃ = x − η·g`` and N the numel of the batch (the batch mean divides by B).

@@ -1,4 +1,4 @@
-"""GNDM / GNDMR (gndm.md acceptance checks 1, 2, 3, 4, 5; checks 3–4 of the helpers are in test_advantages.py)."""
+"""GNDM / GNDMR (docs/methods/gndm.md); the weight and gradient-scale helpers are tested in test_advantages.py."""
 from __future__ import annotations
 
 import lightning as L
@@ -247,7 +247,7 @@ def test_short_fit_changes_the_generator(tiny_digits_teacher, rewards):
         assert rewards[0].calls > 0
 
 
-# ---- importance sampling (gndm.md §2.5, check 5) ----------------------------------------------
+# ---- importance sampling (docs/methods/gndm.md, "Importance sampling") ------------------------
 def make_is_gndm(teacher, ratio=1, **importance) -> GNDM:
     return GNDM(DigitsBackbone(str(teacher)), dmdr=DMDRConfig(cold_start_updates=0),
                 importance_sampling=ImportanceSamplingConfig(enabled=True, **importance),

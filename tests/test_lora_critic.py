@@ -1,4 +1,4 @@
-"""DMDR's LoRA-on-teacher critic and DynaDG (dmdr.md §2, §5; acceptance checks 1 and 3).
+"""DMDR's LoRA-on-teacher critic and DynaDG (docs/methods/dmdr.md).
 
 The critic is the frozen teacher's own weights plus one peft LoRA: the fake score runs it at
 scale 2.0, the real score at DynaDG's s_r(u), which is the plain teacher once s_r reaches 0.

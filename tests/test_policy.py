@@ -1,4 +1,4 @@
-"""The GRPO policy loss over recorded trajectories (grpo.md §6; acceptance checks 4–5)."""
+"""The GRPO policy loss over recorded trajectories (docs/methods/rtdmd.md, "Stage 2, ``RTDMD``")."""
 from __future__ import annotations
 
 import pytest

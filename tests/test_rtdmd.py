@@ -1,4 +1,4 @@
-"""RTDMD stage 2 (rtdmd.md §2, §4, §5 "Stage 2"; acceptance checks 4–6; grpo.md §6, §8).
+"""RTDMD stage 2 (docs/methods/rtdmd.md, "Stage 2, ``RTDMD``").
 
 On the tiny random digits teacher: loading a stage-1 ACDMD checkpoint, SubGRPO step selection and
 per-prompt shared noise across simulated ranks (check 4), log-prob recomputation (check 5), the
@@ -405,7 +405,7 @@ def test_stage2_checkpoint_loads_without_the_stage1_file(tiny_digits_teacher, st
     assert not any(k.startswith(("teacher.", "backbone.", "rewards.", "gold_rewards.")) for k in checkpoint["state_dict"])
 
 
-# ---- LoRA roles (rtdmd.md §5): stage-1 adapters merged, fresh ones trained -----------------------------
+# ---- LoRA roles (docs/methods/rtdmd.md, "LoRA roles"): stage-1 adapters merged, fresh ones trained -----
 LORA = ACDMDConfig(lora_rank=4, lora_alpha=8.0)
 
 

@@ -1,4 +1,4 @@
-"""Pure math of RTDMD, ``rdm_lightning.core.rtdmd`` (``rtdmd.md`` acceptance checks 2–6).
+"""Pure math of RTDMD, ``rdm_lightning.core.rtdmd`` (``docs/methods/rtdmd.md``).
 
 Check 1 (CPS) and the log-prob half of check 5 are covered by ``test_stochastic.py``; here the
 final-step log-prob is re-checked inside a SubGRPO rollout.

@@ -1,7 +1,8 @@
 """Stochastic few-step sampler and step rules of ``rdm_lightning.core.stochastic``.
 
-``grpo.md`` acceptance checks 1–4 (5 and 6 concern advantages and the PPO loss), the
-CPS checks of ``rtdmd.md``, and the recompute contract of ``grpo.md`` §8.
+Zero noise gives the Euler step, the CPS forms agree, the noise variance, and the sampler's
+recording and recompute contract (advantages and the PPO loss are tested elsewhere), with the CPS
+steps of ``docs/methods/rtdmd.md``.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def test_cps_matches_flow_grpo_and_rtdmd_forms(eta, sigma, sigma_next):
     torch.testing.assert_close(step.mean, mean_rt, **tol)
     torch.testing.assert_close(step.std, torch.full((SHAPE[0], 1, 1, 1), std_rt), **tol)
     torch.testing.assert_close(step.std, torch.full((SHAPE[0], 1, 1, 1), std_fg), **tol)
-    # x′ = μ + ς·ξ in both written forms (rtdmd.md §1: x_σ′ = (1−σ′)·x̂0 + σ′·cosθ·ε̂ + σ′·sinθ·z).
+    # x′ = μ + ς·ξ in both written forms (RTDMD's, docs/methods/rtdmd.md:
+    # x_σ′ = (1−σ′)·x̂0 + σ′·cosθ·ε̂ + σ′·sinθ·z).
     torch.testing.assert_close(step.sample, mean_fg + std_fg * xi, **tol)
     torch.testing.assert_close(step.sample, mean_rt + std_rt * xi, **tol)
     assert torch.equal(step.sample, step.mean + step.std * xi)

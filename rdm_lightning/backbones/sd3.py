@@ -110,7 +110,7 @@ class SD3Backbone(DiffusersBackbone):
     """
 
     denoiser_subfolder = "transformer"
-    # Joint attention, image and text streams (dmdr.md §2; the DMDR SD3 critic LoRA).
+    # Joint attention, image and text streams (docs/methods/dmdr.md; the DMDR SD3 critic LoRA).
     lora_target_modules = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )

@@ -6,8 +6,8 @@ groups of K consecutive samples per prompt (what
 across ranks where a statistic must span them (:func:`gather_batch`).
 
 Standard deviations are population ones (``unbiased=False``), as Flow-GRPO's
-``np.std`` (``grpo.md`` §6), and the advantage ε is the specs' ``1e-4``
-(``grpo.md`` §6, ``gndm.md`` §2.3–2.4, ``gdmd.md`` §2.2).
+``np.std`` (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``"), and the advantage ε is ``1e-4``
+(``docs/methods/gndm.md``, ``docs/methods/gdmd.md``, ``docs/methods/rtdmd.md``).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def group_advantages(
     ``mean_K`` is the mean over sample i's group (prompt). The scale ``s`` is
     (population std, ``unbiased=False``, as Flow-GRPO's ``np.std``):
 
-    - ``"group"``: std over the group (Flow-GRPO ``global_std=False``; ``gndm.md`` §2.3);
+    - ``"group"``: std over the group (Flow-GRPO ``global_std=False``; ``docs/methods/gndm.md``);
     - ``"global"``: std over the whole (gathered) batch (Flow-GRPO's default, RTDMD);
     - ``"none"``: no division, ``Â_i = r_i − mean_K r`` (``eps`` unused).
 
@@ -94,7 +94,7 @@ def normalize_per_reward(
     eps: float = ADVANTAGE_EPS,
     clip: float | None = None,
 ) -> dict[str, Tensor]:
-    """``Â^m = group_advantages(r^m)`` for each reward m separately (GNDMR W1, ``gndm.md`` §2.4).
+    """``Â^m = group_advantages(r^m)`` for each reward m separately (GNDMR W1, ``docs/methods/gndm.md``).
 
     Normalising before combining gives every reward a unit scale, so that the
     weights ω_m, not the rewards' native ranges, set their relative influence.
@@ -111,13 +111,13 @@ def combine_weighted(
     renormalize: bool = False,
     eps: float = ADVANTAGE_EPS,
 ) -> Tensor:
-    """``A_i = Σ_m ω_m·Â^m_i`` (``gndm.md`` §2.4 W1, ``gdmd.md`` §2.2).
+    """``A_i = Σ_m ω_m·Â^m_i`` (W1 of ``docs/methods/gndm.md``; ``docs/methods/gdmd.md``).
 
     Args:
         advantages: Per-reward advantages ``[B]``, e.g. from :func:`normalize_per_reward`.
         weights: ω_m for exactly the rewards in ``advantages``.
         renormalize: Then ``A ← (A − mean A) / (std A + ε)`` over the whole
-            (gathered) batch, population std: RTDMD's step 3 (``rtdmd.md``, advantages).
+            (gathered) batch, population std: RTDMD's renormalisation (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``").
         eps: ε of the renormalisation.
 
     Raises:
@@ -137,7 +137,7 @@ def combine_weighted(
 
 
 def clipped_advantage_weights(advantages: Tensor, kappa: float = 0.5, clip: float = 2.0) -> Tensor:
-    """``w_i = (1 + κ·clip(A_i, −c, c))₊`` (``gndm.md`` §2.3–2.4, ``gdmd.md`` §2.2 ``linear``).
+    """``w_i = (1 + κ·clip(A_i, −c, c))₊`` (``docs/methods/gndm.md``; ``docs/methods/gdmd.md``, ``linear``).
 
     ``A = 0`` gives ``w = 1``, and always ``0 ≤ w ≤ 1 + κ·c``. Detached.
 
@@ -154,7 +154,7 @@ def clipped_advantage_weights(advantages: Tensor, kappa: float = 0.5, clip: floa
 def softmax_group_weights(
     advantages: Tensor, group_size: int, temperature: float = 1.0, w_max: float | None = 3.0
 ) -> Tensor:
-    """``w_i = min(K·softmax_{i∈group}(A_i / T), w_max)`` (``gdmd.md`` §2.2 ``softmax``).
+    """``w_i = min(K·softmax_{i∈group}(A_i / T), w_max)`` (``docs/methods/gdmd.md``, ``softmax``).
 
     Without a cap each group's weights average exactly 1; the cap is not
     renormalised afterwards (as the spec says), so with it ``0 ≤ w ≤ w_max``. Detached.
@@ -175,7 +175,7 @@ def softmax_group_weights(
 
 
 def scale_matched_gradient(reward_grad: Tensor, eps: float = 1e-8) -> Tensor:
-    """GNDMR W2 (``gndm.md`` §2.4): ``ĝ_i = γ_i / (mean_pix|γ_i| + ε)``, per sample.
+    """GNDMR W2 (``docs/methods/gndm.md``): ``ĝ_i = γ_i / (mean_pix|γ_i| + ε)``, per sample.
 
     This puts a reward gradient on the mean-absolute scale of the DM direction
     g (whose normaliser makes ``mean_pix|g|`` order 1), so λ_m alone sets the
@@ -194,7 +194,7 @@ def scale_matched_gradient(reward_grad: Tensor, eps: float = 1e-8) -> Tensor:
 def reward_guided_direction(
     dm_direction: Tensor, matched_grads: dict[str, Tensor], lambdas: dict[str, float]
 ) -> Tensor:
-    """``h_i = g_i − Σ_m λ_m·ĝ^m_i`` (``gndm.md`` §2.4 W2/W3), the direction fed to ``ℓ_i(h_i)``.
+    """``h_i = g_i − Σ_m λ_m·ĝ^m_i`` (W2/W3 of ``docs/methods/gndm.md``), the direction fed to ``ℓ_i(h_i)``.
 
     Terms with ``λ_m = 0`` are skipped rather than multiplied, so that during the
     cold start h is ``g`` itself, bit for bit, even if a reward gradient is not
@@ -231,7 +231,8 @@ def _log_ratio(log_prob_new: Tensor, log_prob_old: Tensor) -> Tensor:
 def clipped_importance_ratio(log_prob_new: Tensor, log_prob_old: Tensor, clip_range: float) -> Tensor:
     """GNDM IS weight ``ρ_i = clip(exp(Σ_j [log π_θ − log π_old]), 1 − ε, 1 + ε)``, detached.
 
-    ``gndm.md`` §2.5: the prefix ratio of a reused trajectory, a constant weight on its loss.
+    ``docs/methods/gndm.md``, "Importance sampling": the prefix ratio of a reused trajectory, a
+    constant weight on its loss.
 
     Args:
         log_prob_new: ``[B]`` or ``[B, k]`` log-probabilities of the stored prefix
@@ -251,7 +252,7 @@ def clipped_importance_ratio(log_prob_new: Tensor, log_prob_old: Tensor, clip_ra
 def ppo_clipped_loss(advantages: Tensor, log_prob_new: Tensor, log_prob_old: Tensor, clip_range: float) -> Tensor:
     """PPO loss ``mean(max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)))`` with ``ρ = exp(log π_θ − log π_old)``.
 
-    ``grpo.md`` §6 (β_KL = 0; a KL term is the caller's).
+    ``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``" (β_KL = 0; a KL term is the caller's).
 
     Gradients flow through ``log_prob_new`` only: unclipped, ``∂L/∂ρ_i = −A_i/n``;
     once ρ leaves the clip range on the side A favours (A > 0, ρ > 1 + ε or

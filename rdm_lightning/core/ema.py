@@ -19,7 +19,8 @@ def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
 
 def ema_warmup_decay(update: int, max_decay: float) -> float:
     """Warm-up decay ``min((1 + n)/(10 + n), max_decay)`` after n updates (Flow-GRPO's
-    ``EMAModuleWrapper``; RTDMD stage 2, ``rtdmd.md`` §5): early averages forget the start quickly."""
+    ``EMAModuleWrapper``; RTDMD stage 2, ``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``"): early averages forget the
+    start quickly."""
     if update < 0:
         raise ValueError(f"update must be >= 0, got {update}")
     return min((1 + update) / (10 + update), max_decay)

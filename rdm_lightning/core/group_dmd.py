@@ -1,4 +1,4 @@
-"""Group-normalised distribution matching and the R_dm scalars (GNDM, ``gndm.md`` §2.1–2.3).
+"""Group-normalised distribution matching and the R_dm scalars (GNDM, ``docs/methods/gndm.md``).
 
 Every function takes a flat batch of ``B = (B/K)·K`` samples laid out as whole
 groups of K consecutive samples per prompt (as :mod:`rdm_lightning.core.advantages`).
@@ -8,7 +8,7 @@ With ``d_i = x̂_f,i − x̂_r,i`` and ``n_i = mean_pix|x_i − x̂_r,i|``:
   ``n̄ = (1/K)·Σ_{j∈group} n_j``; K = 1 is the per-sample DMD gradient.
 - :func:`weighted_dmd_loss`: ``L = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − h_i))²)``,
   so that ``∂L/∂x_i = w_i·h_i / N``.
-- R_dm scalars (§2.2): :func:`mismatch_scalar` and :func:`elbo_diff_scalar`.
+- R_dm scalars: :func:`mismatch_scalar` and :func:`elbo_diff_scalar`.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def group_dmd_gradient(
 
     Unlike per-sample DMD, samples of one group keep their relative magnitudes
     (``‖g_i‖/‖g_j‖ = ‖d_i‖/‖d_j‖``); K = 1, or equal ``n_i`` within every
-    group, gives the DMD gradient (``gndm.md`` acceptance checks 1–2). With
+    group, gives the DMD gradient (``docs/methods/gndm.md``). With
     ``return_nonfinite``: ``(g, nonfinite)``, as :func:`~rdm_lightning.core.dmd.dmd_gradient`.
     """
     with torch.no_grad():
@@ -102,7 +102,7 @@ def elbo_diff_scalar(x: Tensor, x0_reals: list[Tensor], x0_fakes: list[Tensor]) 
 
     ``r_i = (1/J)·Σ_j mean_pix((x̂_f^(j) − x_i)² − (x̂_r^(j) − x_i)²)``: the real
     score denoising x_i better than the fake one means higher ``log p_real −
-    log p_fake`` (a weighted surrogate of it; ``gndm.md`` §2.2).
+    log p_fake`` (a weighted surrogate of it; ``docs/methods/gndm.md``).
 
     Args:
         x: ``[B, ...]`` generator samples.

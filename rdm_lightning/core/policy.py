@@ -1,4 +1,4 @@
-"""The GRPO policy loss over recorded stochastic trajectories (``grpo.md`` §6, β_KL = 0).
+"""The GRPO policy loss over recorded stochastic trajectories (``docs/methods/rtdmd.md``; β_KL = 0).
 
 A trajectory's advantage is shared by every trained step; the loss on step ``j`` is PPO's
 clipped surrogate of ``ρ = exp(log π_θ − log π_old)`` for ``x_{j+1} | x_j``, averaged over

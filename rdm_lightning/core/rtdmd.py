@@ -1,4 +1,4 @@
-"""Pure math of RTDMD: ambient renoising, AC-DMD, the consistency term and SubGRPO (``rtdmd.md``).
+"""Pure math of RTDMD: ambient renoising, AC-DMD, the consistency term and SubGRPO (``docs/methods/rtdmd.md``).
 
 Flow convention only: ``x_σ = (1−σ)·x0 + σ·ε``, velocity ``v = ε − x0``; ``t = 1000·σ`` is the
 model timestep. σ_s is the boundary level of the trained step, σ_r > σ_s the renoise level.
@@ -7,14 +7,14 @@ What this module adds, and what it reuses instead (so each formula lives in one 
 
 - CPS steps, rollouts and log-probs: :mod:`rdm_lightning.core.stochastic` (``cps_step``,
   ``stochastic_sample`` with ``stochastic_steps``/``step_noise``/``num_steps``).
-- AC-DMD direction ``g = nan_to_num((xs_fake − xs_real)/mean_pix|x_s − xs_real|)`` (§3 step 4):
+- AC-DMD direction ``g = nan_to_num((xs_fake − xs_real)/mean_pix|x_s − xs_real|)``:
   exactly :func:`rdm_lightning.core.dmd.dmd_gradient` with ``(x, x0_real, x0_fake) =
   (x_s, xs_real, xs_fake)`` and ``norm_eps = 0``; the generator loss is :func:`acdmd_generator_loss`
   (float64, unlike ``core.dmd.dmd_loss`` which is fp32).
-- Advantages (§4): :func:`rtdmd_advantages` composes ``normalize_per_reward(std="global")`` and
+- Advantages: :func:`rtdmd_advantages` composes ``normalize_per_reward(std="global")`` and
   ``combine_weighted(renormalize=True)`` of :mod:`rdm_lightning.core.advantages`; the PPO loss is
   ``ppo_clipped_loss`` / :func:`rdm_lightning.core.policy.trajectory_policy_loss`.
-- Reward backprop ``L_BP = 1e-4·mean(ReLU(3 − R))`` (§4): exactly
+- Reward backprop ``L_BP = 1e-4·mean(ReLU(3 − R))``: exactly
   ``rdm_lightning.core.schedules_training.hinge_reward_loss(R, weight=1e-4, hinge=3.0)``.
 
 Per-sample σ tensors have shape ``(B,)``. σ coefficients are computed in float64 (they are a few
@@ -37,13 +37,13 @@ from rdm_lightning.core.schedules import _per_sample
 from rdm_lightning.core.stochastic import StepResult, cps_step
 
 NUM_TRAIN_TIMESTEPS = 1000
-"""t = 1000·σ: the model timestep of a flow level (``rtdmd.md`` convention)."""
+"""t = 1000·σ: the model timestep of a flow level (``docs/methods/rtdmd.md`` convention)."""
 
 SIGMA_RS_SQ_MIN = 1e-12
 """Floor of σ_rs² (the reference clamps the square, so σ_rs ≥ 1e-6)."""
 
 RENOISE_OFFSET = 10.0
-"""t_r starts 10 timesteps above the boundary: t_r ~ U[1000·σ_s + 10, 1000] (§3 step 4)."""
+"""t_r starts 10 timesteps above the boundary: t_r ~ U[1000·σ_s + 10, 1000]."""
 
 RENOISE_CLAMP = (20.0, 980.0)
 """Clamp of t_r (``min_step``/``max_step`` of the released configs)."""
@@ -84,12 +84,13 @@ def _broadcast(value: Tensor, like: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ambient renoising and the fake-score target (§3)
+# Ambient renoising and the fake-score target
 # ----------------------------------------------------------------------------------------------
 
 
 def ambient_coefficients(sigma_s: Tensor | float, sigma_r: Tensor | float, batch: int) -> tuple[Tensor, Tensor]:
-    """``(a, σ_rs)`` of the forward kernel from σ_s to σ_r (``rtdmd.md`` §3), float64 ``(B,)``::
+    """``(a, σ_rs)`` of the forward kernel from σ_s to σ_r (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``"),
+    float64 ``(B,)``::
 
         a = (1 − σ_r)/(1 − σ_s),   σ_rs = √max(σ_r² − a²·σ_s², 1e-12)
 
@@ -112,7 +113,7 @@ def ambient_coefficients(sigma_s: Tensor | float, sigma_r: Tensor | float, batch
 def ambient_renoise(
     x_s: Tensor, sigma_s: Tensor | float, sigma_r: Tensor | float, noise: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Renoise the boundary sample: ``x_r = a·x_s + σ_rs·n`` (``rtdmd.md`` §3, ambient renoising).
+    """Renoise the boundary sample: ``x_r = a·x_s + σ_rs·n`` (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
 
     ``a`` and ``σ_rs`` come from :func:`ambient_coefficients` (float64, per sample); ``x_r`` is in
     ``promote_types(x_s.dtype, float32)``. With σ_s = 0 this is the flow forward process
@@ -129,7 +130,7 @@ def ambient_renoise(
 def ambient_velocity_target(
     x_s: Tensor, sigma_s: Tensor | float, sigma_r: Tensor | float, sigma_rs: Tensor, noise: Tensor
 ) -> Tensor:
-    """Ambient DSM target of the fake score at ``(x_r, t_r)`` (``rtdmd.md`` §3, fake score)::
+    """Ambient DSM target of the fake score at ``(x_r, t_r)`` (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``")::
 
         v* = −x_s/(1 − σ_s) + [(σ_r + (1 − σ_r)·σ_s²/(1 − σ_s)²)/σ_rs]·n
 
@@ -154,7 +155,8 @@ def ambient_velocity_target(
 
 
 def ambient_target_weight(sigma_rs: Tensor, weight_cap: float = 10.0) -> Tensor:
-    """Per-sample ADSM weight ``min(1, 10·σ_rs²)`` (``rtdmd.md`` §3, ``move_scale_out: true``).
+    """Per-sample ADSM weight ``min(1, 10·σ_rs²)`` (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``";
+    ``move_scale_out: true``).
 
     The reference regresses ``σ_rs·v_φ`` on ``σ_rs·v*`` with weight ``clamp(1/σ_rs², max=10)``;
     that is ``min(1/σ_rs², 10)·σ_rs²·(v_φ − v*)² = min(1, 10σ_rs²)·(v_φ − v*)²``: the cap damps
@@ -167,7 +169,8 @@ def ambient_target_weight(sigma_rs: Tensor, weight_cap: float = 10.0) -> Tensor:
 
 
 def ambient_dsm_loss(v_pred: Tensor, v_target: Tensor, weight: Tensor) -> Tensor:
-    """``L_ADSM = mean(w·(v_φ(x_r, t_r) − v*)²)`` with one weight per sample (``rtdmd.md`` §3).
+    """``L_ADSM = mean(w·(v_φ(x_r, t_r) − v*)²)`` with one weight per sample
+    (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
 
     The mean runs over every element; computed in at least fp32 (``v_pred`` may be bf16).
     """
@@ -182,14 +185,15 @@ def ambient_dsm_loss(v_pred: Tensor, v_target: Tensor, weight: Tensor) -> Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# Renoise timestep (§3 step 4; §4 final step)
+# Renoise timestep (stage 1; stage 2's final step)
 # ----------------------------------------------------------------------------------------------
 
 
 def renoise_timestep_range(
     sigma_s: Tensor | float, offset: float = RENOISE_OFFSET, t_end: float = NUM_TRAIN_TIMESTEPS
 ) -> tuple[Tensor, Tensor]:
-    """Bounds ``(low, high)`` of the uniform renoise timestep, before the clamp (``rtdmd.md`` §3)::
+    """Bounds ``(low, high)`` of the uniform renoise timestep, before the clamp
+    (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``")::
 
         low = 1000·σ_s + 10,   high = max(1000, low + 1)
 
@@ -210,7 +214,7 @@ def sample_renoise_sigma(
 ) -> Tensor:
     """Draw ``σ_r = t_r/1000`` per sample with ``t_r ~ U[1000σ_s + 10, 1000]`` clamped to [20, 980].
 
-    ``rtdmd.md`` §3 step 4 (stage 1) and §4 (final step, σ_s = 0: ``t_r ~ U[10, 1000]``).
+    ``docs/methods/rtdmd.md``: stage 1, and stage 2's final step (σ_s = 0: ``t_r ~ U[10, 1000]``).
     ``sigma_s`` has shape ``(B,)``; the result is float64 ``(B,)``. The reference draws t_r
     *continuously* (``torch.rand`` scaled, float timesteps are fed to the transformer), so that is
     the default; ``integer=True`` rounds t_r up to an integer instead, which keeps ``t_r ≥ low``.
@@ -240,14 +244,14 @@ def sample_renoise_sigma(
 
 
 # ----------------------------------------------------------------------------------------------
-# AC-DMD generator loss (§3)
+# AC-DMD generator loss
 # ----------------------------------------------------------------------------------------------
 
 
 def project_to_boundary(
     x_r: Tensor, velocity: Tensor, sigma_r: Tensor | float, sigma_s: Tensor | float, eta: float, z: Tensor
 ) -> StepResult:
-    """One CPS step from σ_r back to σ_s with the given noise ``z`` (``rtdmd.md`` §3 step 3).
+    """One CPS step from σ_r back to σ_s with the given noise ``z`` (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
 
     Call it twice with the **same** ``z``: with the teacher's velocity (CFG w) for ``xs_real`` and
     the fake score's (guidance 1) for ``xs_fake``; the shared z cancels in ``xs_fake − xs_real``,
@@ -258,7 +262,8 @@ def project_to_boundary(
 
 
 def acdmd_generator_loss(x_s: Tensor, gradient: Tensor) -> Tensor:
-    """``L_G = ½·mean((x_s − sg(x_s − g))²)`` in float64, so ``∂L_G/∂x_s = g/N`` (``rtdmd.md`` §3 step 5).
+    """``L_G = ½·mean((x_s − sg(x_s − g))²)`` in float64, so ``∂L_G/∂x_s = g/N``
+    (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
 
     ``g`` is :func:`rdm_lightning.core.dmd.dmd_gradient` ``(x_s, xs_real, xs_fake)``. Unlike
     ``core.dmd.dmd_loss`` (fp32, target rounded as ``x − g`` in the latent dtype), the target is
@@ -273,12 +278,13 @@ def acdmd_generator_loss(x_s: Tensor, gradient: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Consistency term of the fake score (§3)
+# Consistency term of the fake score
 # ----------------------------------------------------------------------------------------------
 
 
 def denoised_estimate(x: Tensor, sigma: Tensor | float, velocity: Tensor) -> Tensor:
-    """``h(x, σ) = x − σ·v_φ(x, σ)``, the fake score's x̂0 (``rtdmd.md`` §3 consistency, steps 1 and 4).
+    """``h(x, σ) = x − σ·v_φ(x, σ)``, the fake score's x̂0 (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``":
+    consistency).
 
     Gradients flow through ``velocity``; computed in at least fp32.
     """
@@ -290,7 +296,8 @@ def denoised_estimate(x: Tensor, sigma: Tensor | float, velocity: Tensor) -> Ten
 def consistency_sigma(
     sigma_r: Tensor, generator: torch.Generator | None = None, max_delta: int = CONSISTENCY_MAX_DELTA
 ) -> Tensor:
-    """``σ′ = max(t_r − Δ, 0)/1000`` with ``Δ ~ UniformInt[1, 200]`` per sample (``rtdmd.md`` §3 step 2).
+    """``σ′ = max(t_r − Δ, 0)/1000`` with ``Δ ~ UniformInt[1, 200]`` per sample
+    (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
 
     ``t_r = 1000·σ_r`` (continuous, as drawn by :func:`sample_renoise_sigma`); float64 ``(B,)``.
     Always ``σ′ < σ_r``. Stage 1 shares Δ across ranks (same-seeded generator), stage 2 keeps it local.
@@ -313,7 +320,8 @@ def consistency_transitions(
     eta: float,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Two independent no-grad CPS transitions ``x_r → x′_1, x′_2`` at σ′ (``rtdmd.md`` §3 step 3).
+    """Two independent no-grad CPS transitions ``x_r → x′_1, x′_2`` at σ′
+    (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
 
     Both use ``sg(v_φ(x_r))`` and fresh noise each, so that, given x_r, x′_1 and x′_2 are i.i.d.:
     that independence is what makes :func:`consistency_loss` unbiased.
@@ -325,7 +333,8 @@ def consistency_transitions(
 
 
 def consistency_loss(h0: Tensor, h1: Tensor, h2: Tensor, return_nonfinite: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``L_cons = mean[(h1 − h0)⊙(h2 − h0)]`` (``rtdmd.md`` §3 step 5), γ = 0.01 in ``L_F``.
+    """``L_cons = mean[(h1 − h0)⊙(h2 − h0)]`` (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``"), γ = 0.01
+    in ``L_F``.
 
     The caller makes three fake-score forward passes, all with gradient:
 
@@ -351,16 +360,16 @@ def consistency_loss(h0: Tensor, h1: Tensor, h2: Tensor, return_nonfinite: bool 
 
 
 # ----------------------------------------------------------------------------------------------
-# SubGRPO (§4)
+# SubGRPO
 # ----------------------------------------------------------------------------------------------
 
 
 def subgrpo_steps(seed: int, epoch: int, candidates: Sequence[int] = (0, 1, 2), num_selected: int = 2) -> list[int]:
     """The steps trained this epoch: ``sorted(Random(seed + 100000·epoch + 104729).sample(candidates, k))``.
 
-    ``rtdmd.md`` §4 SubGRPO. A local RNG seeded only by (seed, epoch) gives the same steps on
-    every rank without a collective. It is Python's ``random.Random``, as in the reference, so
-    the selection matches it step for step.
+    ``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``" (SubGRPO). A local RNG seeded only by (seed, epoch)
+    gives the same steps on every rank without a collective. It is Python's ``random.Random``, as in
+    the reference, so the selection matches it step for step.
     """
     candidates = list(candidates)
     if len(set(candidates)) != len(candidates) or any(c < 0 for c in candidates):
@@ -374,7 +383,7 @@ def subgrpo_steps(seed: int, epoch: int, candidates: Sequence[int] = (0, 1, 2), 
 
 
 def prompt_noise_seed(prompt: str, step: int, epoch: int) -> int:
-    """Seed of a prompt's shared noise on an unselected step (``rtdmd.md`` §4)::
+    """Seed of a prompt's shared noise on an unselected step (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``")::
 
         (big-endian int of SHA256(prompt.encode('utf-8'))[:4] + 10007·step + 100000·epoch) mod 2³¹
 
@@ -389,7 +398,8 @@ def prompt_noise_seed(prompt: str, step: int, epoch: int) -> int:
 def shared_step_noise(
     prompts: Sequence[str], step: int, epoch: int, shape: Sequence[int], dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Per-prompt deterministic noise ``(B, *shape)`` of one step (``rtdmd.md`` §4 SubGRPO).
+    """Per-prompt deterministic noise ``(B, *shape)`` of one step (``docs/methods/rtdmd.md``,
+    "Stage 2, ``RTDMD``": SubGRPO).
 
     Row i is ``randn(shape)`` from a CPU generator seeded with :func:`prompt_noise_seed`, so the K
     images of a prompt get the same noise on every rank (CPU generators are device-independent).
@@ -416,7 +426,7 @@ def subgrpo_step_noise(
     :func:`rdm_lightning.core.stochastic.stochastic_sample` with
     ``stochastic_steps=set(range(num_steps − 1))``: selected steps then draw independent noise
     from its generator, unselected ones share the per-prompt noise, and initial latents stay
-    independent (``rtdmd.md`` §4).
+    independent (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``").
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -437,7 +447,7 @@ def rtdmd_advantages(
     eps: float = ADVANTAGE_EPS,
     clip: float | None = None,
 ) -> Tensor:
-    """RTDMD advantages of a gathered batch (``rtdmd.md`` §4 steps 1–4, ``grpo.md`` §6)::
+    """RTDMD advantages of a gathered batch (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``")::
 
         A_m = (r_m − group mean)/(std of r_m over the batch + 1e-4)     normalize_per_reward(std="global")
         A   = Σ_m ω_m·A_m,  A ← (A − mean A)/(std A + 1e-4)            combine_weighted(renormalize=True)

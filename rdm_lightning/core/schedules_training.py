@@ -18,12 +18,12 @@ def cosine_decay(u: int, period: int) -> float:
 
 
 def dynamic_guidance_scale(u: int, initial_scale: float, period: int) -> float:
-    """DynaDG (dmdr.md §5): ``s_r(u) = s_r0·cosine_decay(u, K_dg)``, 0 for ``u >= K_dg``."""
+    """DynaDG (docs/methods/dmdr.md): ``s_r(u) = s_r0·cosine_decay(u, K_dg)``, 0 for ``u >= K_dg``."""
     return initial_scale * cosine_decay(u, period)
 
 
 def dynamic_renoise_beta(u: int, period: int) -> tuple[float, float]:
-    """DynaRS (dmdr.md §6): Beta ``(1 + 3c, 1 + 0.5c)`` with ``c = cosine_decay(u, K_rs)``.
+    """DynaRS (docs/methods/dmdr.md): Beta ``(1 + 3c, 1 + 0.5c)`` with ``c = cosine_decay(u, K_rs)``.
 
     Beta(4, 1.5) at u = 0 (high noise, mean ≈ 0.727), Uniform(0, 1) from ``K_rs`` on.
     """
@@ -32,7 +32,8 @@ def dynamic_renoise_beta(u: int, period: int) -> tuple[float, float]:
 
 
 def cosine_ramp(u: int, start: int, length: int, maximum: float) -> float:
-    """``0`` before ``start``, then ``maximum·½·(1 − cos(π·min((u − start)/length, 1)))`` (gndm.md W3)."""
+    """``0`` before ``start``, then ``maximum·½·(1 − cos(π·min((u − start)/length, 1)))``
+    (W3 of docs/methods/gndm.md)."""
     if u < start:
         return 0.0
     return maximum * (1.0 - cosine_decay(u - start, length)) if length > 0 else maximum

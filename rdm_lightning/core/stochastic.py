@@ -1,20 +1,23 @@
-"""Stochastic few-step flow sampling with per-step Gaussian log-probabilities (``grpo.md``).
+"""Stochastic few-step flow sampling with per-step Gaussian log-probabilities.
+
+Used by GNDM's importance sampling and GRPO mode (``docs/methods/gndm.md``) and by RTDMD
+(``docs/methods/rtdmd.md``).
 
 Flow convention only: ``x_σ = (1−σ)·x0 + σ·ε``, velocity ``v = ε − x0``, and a step
 goes from σ to σ′ with ``Δ = σ′ − σ ≤ 0``. Every step rule is a Gaussian policy
-``π(x′|x) = N(μ, ς²·I)`` whose std ς does not depend on the network (``grpo.md`` §1):
+``π(x′|x) = N(μ, ς²·I)`` whose std ς does not depend on the network:
 
 - ``euler``: ``x′ = x + Δ·v`` (ς = 0);
-- ``flowgrpo_sde(noise_level)``: Flow-GRPO SDE step (§2);
-- ``cps(eta)``: coefficients-preserving step (§3, ``rtdmd.md`` §1);
-- ``dance(eta)``: DanceGRPO step (§4).
+- ``flowgrpo_sde(noise_level)``: Flow-GRPO SDE step (``docs/methods/gndm.md``, "Importance sampling");
+- ``cps(eta)``: coefficients-preserving step (``docs/methods/rtdmd.md``);
+- ``dance(eta)``: DanceGRPO step.
 
 Each rule is written so that zero noise gives the Euler step *bitwise*: its mean is
 ``x + Δ·v`` plus a correction proportional to the noise level, which is then exactly 0.
 
-:func:`stochastic_sample` runs the few-step sampler of §8 and records a
+:func:`stochastic_sample` runs the few-step sampler and records a
 :class:`Trajectory`; :func:`step_log_prob` recomputes the log-prob of a stored
-transition under a changed policy (PPO ratios, §6), bit-identical when nothing changed.
+transition under a changed policy (PPO ratios), bit-identical when nothing changed.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class StepResult(NamedTuple):
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    # Steps and log-probs run in at least fp32 (§8.5), whatever the latent dtype.
+    # Steps and log-probs run in at least fp32, whatever the latent dtype.
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -117,7 +120,7 @@ def _flow_grpo_sde_moments(
     if at_one.any():
         # γ = a·√(σ/(1−σ)) is infinite at σ = 1; Flow-GRPO uses the second grid value there.
         if sigma_1 is None:
-            raise ValueError("flowgrpo_sde at sigma = 1 needs sigma_1 (the second grid value, grpo.md §2)")
+            raise ValueError("flowgrpo_sde at sigma = 1 needs sigma_1 (the second grid value)")
         s1 = _per_sample_value(sigma_1, x)
         if not ((s1 >= 0) & (s1 < 1)).all():
             raise ValueError(f"sigma_1 must lie in [0, 1), got {s1.flatten().tolist()}")
@@ -172,7 +175,8 @@ def flow_grpo_sde_step(
     sigma_1: Tensor | float | None = None,
     generator: torch.Generator | None = None,
 ) -> StepResult:
-    """Flow-GRPO SDE step (``grpo.md`` §2), with ``a = noise_level`` and ``Δ = σ′ − σ``::
+    """Flow-GRPO SDE step (``docs/methods/gndm.md``, "Importance sampling"), with ``a = noise_level``
+    and ``Δ = σ′ − σ``::
 
         γ  = a·√(σ/(1−σ))            (at σ = 1: a·√(σ/(1−σ_1)), σ_1 the second grid value)
         μ  = x + v·Δ + (γ²/(2σ))·(x + (1−σ)·v)·Δ
@@ -195,7 +199,7 @@ def cps_step(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> StepResult:
-    """Coefficients-preserving (CPS) step (``grpo.md`` §3, ``rtdmd.md`` §1), ``η ∈ [0, 1]``::
+    """Coefficients-preserving (CPS) step (``docs/methods/rtdmd.md``), ``η ∈ [0, 1]``::
 
         x̂0 = x − σ·v,   ε̂ = x + (1−σ)·v,   θ = η·π/2
         μ  = (1−σ′)·x̂0 + σ′·cosθ·ε̂        (RTDMD form)
@@ -218,7 +222,7 @@ def dance_grpo_step(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> StepResult:
-    """DanceGRPO step (``grpo.md`` §4) with noise level ``η_D = eta`` and ``Δ = σ′ − σ``::
+    """DanceGRPO step with noise level ``η_D = eta`` and ``Δ = σ′ − σ``::
 
         x̂0 = x − σ·v,   s = −(x − (1−σ)·x̂0)/σ²
         μ  = x + Δ·(v − ½·η_D²·s)
@@ -261,12 +265,12 @@ def _checked_rule(rule: str, rule_kwargs: Mapping[str, Any]) -> _Moments:
 
 
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: Reduce = "mean") -> Tensor:
-    """Exact Gaussian log-density per sample (``grpo.md`` §2), in at least fp32::
+    """Exact Gaussian log-density per sample (``docs/methods/gndm.md``, "Importance sampling"), in at least fp32::
 
         log π = mean_dims[ −(x′ − μ)²/(2ς²) − log ς − ½·log 2π ]     (``reduce="sum"``: sum_dims)
 
-    Where ς = 0 the step has no density; it gets log π = 0 there (§8.6, acceptance
-    check 4), with finite gradients. Returns shape ``(B,)``.
+    Where ς = 0 the step has no density; it gets log π = 0 there (acceptance check 4),
+    with finite gradients. Returns shape ``(B,)``.
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduce {reduce!r}; accepted: {REDUCTIONS}")
@@ -282,7 +286,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: Reduce 
 
 
 def cps_simplified_log_prob(sample: Tensor, mean: Tensor) -> Tensor:
-    """The CPS log-prob of Flow-GRPO and RTDMD (``grpo.md`` §3): ``−mean_dims((x′ − μ)²)``.
+    """The CPS log-prob of Flow-GRPO and RTDMD (``docs/methods/rtdmd.md``): ``−mean_dims((x′ − μ)²)``.
 
     No 1/(2ς²) factor and no constants, so it is exactly 0 when ς = 0. Returns ``(B,)``
     in at least fp32.
@@ -292,7 +296,7 @@ def cps_simplified_log_prob(sample: Tensor, mean: Tensor) -> Tensor:
 
 
 def transition_log_prob(sample: Tensor, mean: Tensor, std: Tensor, kind: LogProbKind) -> Tensor:
-    """log π(x′|x) of the chosen form: ``exact_mean``, ``exact_sum`` or ``cps_simplified`` (§8.5)."""
+    """log π(x′|x) of the chosen form: ``exact_mean``, ``exact_sum`` or ``cps_simplified``."""
     if kind == "exact_mean":
         return gaussian_log_prob(sample, mean, std, "mean")
     if kind == "exact_sum":
@@ -303,13 +307,13 @@ def transition_log_prob(sample: Tensor, mean: Tensor, std: Tensor, kind: LogProb
 
 
 # ----------------------------------------------------------------------------------------------
-# The sampler (§8)
+# The sampler
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Trajectory:
-    """A recorded few-step rollout of ``T`` steps (``grpo.md`` §8.5).
+    """A recorded few-step rollout of ``T`` steps (``docs/methods/gndm.md``, ``docs/methods/rtdmd.md``).
 
     Step ``j`` goes from ``sigmas[j]`` to ``sigmas[j + 1]``; ``sigmas[T] = 0``. Step lists
     have ``T`` entries, ``latents`` has ``T + 1``: ``latents[0]`` is the initial noise and
@@ -344,7 +348,7 @@ class Trajectory:
 
     @property
     def trainable(self) -> list[bool]:
-        """Steps with a policy density: stochastic with ς > 0 (§1). Only these enter the PPO loss."""
+        """Steps with a policy density: stochastic with ς > 0. Only these enter the PPO loss."""
         return [self.is_trainable(j) for j in range(self.num_steps)]
 
     def is_trainable(self, step_index: int) -> bool:
@@ -353,7 +357,7 @@ class Trajectory:
 
 
 def _sigma_grid(levels: Tensor) -> Tensor:
-    """Pre-shifted σ levels (never re-shifted, §8.1), highest first, with the final 0 appended."""
+    """Pre-shifted σ levels (never re-shifted), highest first, with the final 0 appended."""
     levels = torch.as_tensor(levels, dtype=torch.float64).flatten().cpu()
     if len(levels) == 0:
         raise ValueError("levels is empty")
@@ -365,7 +369,7 @@ def _sigma_grid(levels: Tensor) -> Tensor:
 
 
 def _default_log_prob(rule: str, log_prob: str | None) -> str:
-    # CPS follows its two reference repositories (§3); other rules use the exact density.
+    # CPS follows its two reference repositories; other rules use the exact density.
     if log_prob is None:
         return "cps_simplified" if rule == "cps" else "exact_mean"
     if log_prob not in LOG_PROBS:
@@ -386,7 +390,7 @@ def stochastic_sample(
     step_noise: Mapping[int, Tensor] | None = None,
     num_steps: int | None = None,
 ) -> Trajectory | Tensor:
-    """Run the stochastic few-step flow sampler from pure noise (``grpo.md`` §8).
+    """Run the stochastic few-step flow sampler from pure noise (``docs/methods/gndm.md``, ``docs/methods/rtdmd.md``).
 
     ``levels`` are the student's σ levels, highest first (e.g. ``[1, 0.9, 0.75, 0.5]``);
     step ``j`` goes from ``levels[j]`` to ``levels[j+1]``, the last step to σ = 0. Steps in
@@ -396,10 +400,11 @@ def stochastic_sample(
     last step returns x̂0. Stochastic noise ξ_j is ``step_noise[j]`` when given (shared
     per-prompt noise, SubGRPO), else drawn from ``generator``.
 
-    ``log_prob`` selects the stored log π (§8.5): ``cps_simplified`` by default for CPS,
+    ``log_prob`` selects the stored log π: ``cps_simplified`` by default for CPS,
     ``exact_mean`` for the other rules. The caller's autograd mode applies (wrap rollouts
     in ``torch.no_grad()``). ``num_steps`` runs only the first steps, a prefix ending at
-    ``levels[num_steps]`` (DMD backward simulation, ``gndm.md`` §2.5); ``None`` runs them all.
+    ``levels[num_steps]`` (DMD backward simulation; ``docs/methods/gndm.md``, "Importance sampling");
+    ``None`` runs them all.
     Returns a :class:`Trajectory`, or only the final sample when ``return_trajectory`` is False.
     """
     kwargs = dict(rule_kwargs or {})
@@ -455,7 +460,7 @@ def recompute_step(denoise_velocity: VelocityFn, trajectory: Trajectory, step_in
     """Mean and std of stored step ``j`` under ``denoise_velocity``, with the stored x_{j+1} as sample.
 
     Applies the step's own rule (Euler on deterministic steps) to the stored x_j, so the
-    means of the current and reference policies can be compared (KL of §6).
+    means of the current and reference policies can be compared (for a KL term).
     """
     if not 0 <= step_index < trajectory.num_steps:
         raise ValueError(f"step_index {step_index} outside [0, {trajectory.num_steps - 1}]")
@@ -472,11 +477,11 @@ def recompute_step(denoise_velocity: VelocityFn, trajectory: Trajectory, step_in
 
 
 def step_log_prob(denoise_velocity: VelocityFn, trajectory: Trajectory, step_index: int) -> Tensor:
-    """log π_new(x_{j+1}|x_j) of stored step ``j`` (§8.6), in the trajectory's log-prob form.
+    """log π_new(x_{j+1}|x_j) of stored step ``j``, in the trajectory's log-prob form.
 
     With an unchanged ``denoise_velocity`` this equals the recorded log-prob bit for bit,
     so the PPO ratio is exactly 1. Untrainable steps (deterministic, or ς = 0 as CPS into
-    σ = 0) have no density: they return 0 without a forward pass (§8.6, acceptance check 4).
+    σ = 0) have no density: they return 0 without a forward pass (acceptance check 4).
     """
     if not 0 <= step_index < trajectory.num_steps:
         raise ValueError(f"step_index {step_index} outside [0, {trajectory.num_steps - 1}]")

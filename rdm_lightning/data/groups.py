@@ -139,7 +139,7 @@ def group_noise(
         shape: Shape of one sample's noise, e.g. ``(C, H, W)``.
         generator: Source of the noise; ``None`` uses the global RNG (on the CPU).
         shared: ``True``: the K samples of a group start from the same noise
-            (DanceGRPO, ``grpo.md`` §5), groups from different noise; ``False``:
+            (DanceGRPO), groups from different noise; ``False``:
             every sample its own noise.
         dtype: Floating dtype of the noise.
     """

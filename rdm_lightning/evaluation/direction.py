@@ -1,9 +1,10 @@
 """How well one stochastic draw of a direction agrees with its expectation.
 
 The DM direction depends on the random re-noising (σ, ε) of its draw; a normaliser that
-gives "a more robust optimization direction" (GNDM's claim for A1, ``gndm.md`` §1) should
-make a single draw agree better with the many-draw mean, in the generator's parameter
-space above all, where the per-sample directions are summed with their relative weights.
+gives "a more robust optimization direction" (GNDM's claim for A1; measured in
+``docs/methods/gndm.md``, "Group size and the direction of one update") should make a
+single draw agree better with the many-draw mean, in the generator's parameter space above
+all, where the per-sample directions are summed with their relative weights.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""AC-DMD, stage 1 of RTDMD (``rtdmd.md`` §1, §3, §5 "Stage 1"): DMD on CPS boundary samples.
+"""AC-DMD, stage 1 of RTDMD (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``"): DMD on CPS boundary samples.
 
 Flow backbones only (``x_σ = (1−σ)·x0 + σ·ε``, ``v = ε − x0``, ``t = 1000·σ``). The student's
-levels ``σ_0 > … > σ_{N−1}`` (then 0) are sampled with CPS steps of η = 0.9 (``rtdmd.md`` §1),
+levels ``σ_0 > … > σ_{N−1}`` (then 0) are sampled with CPS steps of η = 0.9 (``docs/methods/rtdmd.md``),
 in training, evaluation and :meth:`ACDMD.generate` alike.
 
 One iteration (:meth:`DMD.training_step`, reused through its hooks)::
@@ -93,7 +93,7 @@ SIGMA_S_KEY = "acdmd_sigma_s"
 
 @dataclass
 class ACDMDConfig:
-    """AC-DMD settings (defaults: ``rtdmd.md`` §3 and the released stage-1 configs)."""
+    """AC-DMD settings (defaults: ``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``", and the released stage-1 configs)."""
 
     eta: float = 0.9
     """CPS η (θ = η·π/2) of every stochastic step: the rollouts, step k itself, the projection of the
@@ -110,10 +110,11 @@ class ACDMDConfig:
     applied to ``σ_rs·v``; ``target_formula_move_scale_out: true``)."""
     lora_rank: int = 0
     """Rank of the role LoRAs: the generator and the fake score are each their network plus one LoRA,
-    and only the LoRA weights train (``rtdmd.md`` §5: rank 32, both roles, both stages). 0 trains full
-    copies (the digits default). Needs peft and the backbone's ``lora_target_modules``."""
+    and only the LoRA weights train (``docs/methods/rtdmd.md``, "LoRA roles": rank 32, both roles, both
+    stages). 0 trains full copies (the digits default). Needs peft and the backbone's ``lora_target_modules``."""
     lora_alpha: float = 64.0
-    """``lora_alpha`` of the role LoRAs (``rtdmd.md`` §5: 64); the update is ``(α/r)·B·A``."""
+    """``lora_alpha`` of the role LoRAs (``docs/methods/rtdmd.md``, "LoRA roles": 64); the update is
+    ``(α/r)·B·A``."""
 
     def __post_init__(self):
         if not 0.0 <= self.eta <= 1.0:
@@ -253,7 +254,7 @@ class ACDMD(DMD):
     def shared_draw(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
         """``draw(self.rng)`` on every rank (keeping the streams in step), rank 0's value kept (CPU).
 
-        Like :meth:`shared_randint`: every rank agrees on t_r and Δ (``rtdmd.md`` §3 step 4).
+        Like :meth:`shared_randint`: every rank agrees on t_r and Δ (``docs/methods/rtdmd.md``, "Stage 1, ``ACDMD``").
         """
         value = draw(self.rng)
         return self.trainer.strategy.broadcast(value, src=0) if self._trainer is not None else value
@@ -311,7 +312,7 @@ class ACDMD(DMD):
             x_s = torch.where(final.view(-1, *[1] * (x_s.ndim - 1)), x0.to(x_s.dtype), x_s)
         return x_s
 
-    # ---- the generator loss (rtdmd.md §3) -------------------------------------------------
+    # ---- the generator loss (docs/methods/rtdmd.md, "Stage 1, `ACDMD`") -------------------
     def boundary_estimates(
         self, x_s: Tensor, sigma_s: Tensor, cond: Conditioning, uncond: Conditioning
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -354,7 +355,7 @@ class ACDMD(DMD):
         logs["train/acdmd_step"] = float(rollout.step)
         return loss, logs
 
-    # ---- the fake-score loss (rtdmd.md §3) ------------------------------------------------
+    # ---- the fake-score loss (docs/methods/rtdmd.md, "Stage 1, `ACDMD`") ------------------
     def consistency_term(
         self, x_r: Tensor, sigma_r: Tensor, v_r: Tensor, h0: Tensor, cond: Conditioning
     ) -> tuple[Tensor, Tensor]:
@@ -423,7 +424,7 @@ class ACDMD(DMD):
         role: str = "generator",
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """The (EMA) generator's CPS(η) sampler (``rtdmd.md`` §1: inference is stochastic; the last
+        """The (EMA) generator's CPS(η) sampler (``docs/methods/rtdmd.md``: inference is stochastic; the last
         step, into σ = 0, is deterministic and returns x̂0); ``role="teacher"`` as in the base class."""
         if role != "generator":
             return super().generate(prompts, noise, role, generator)

@@ -1,4 +1,4 @@
-"""DMD / DMD2 (``dmd2.md``): distribution matching with a fake score, TTUR, GAN head, backward simulation.
+"""DMD / DMD2 (``docs/methods/dmd.md``): distribution matching with a fake score, TTUR, GAN head, backward simulation.
 
 One iteration:
 1. Backward simulation: draw the trained step ``k`` (same on every rank), run
@@ -167,7 +167,7 @@ class DMD(DistillationModule):
         return x0_real, x0_fake, scale
 
     def unguarded_dm_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
-        """``(g, nonfinite)``: the DMD gradient with the per-sample normaliser (dmd2.md §2, step 5) and
+        """``(g, nonfinite)``: the DMD gradient with the per-sample normaliser (docs/methods/dmd.md) and
         the ``[B]`` count of each sample's non-finite entries it replaced. The hook of the normaliser."""
         return dmd_gradient(x, x0_real, x0_fake, self.dmd.norm_eps, return_nonfinite=True)
 
@@ -180,7 +180,7 @@ class DMD(DistillationModule):
     def distribution_matching_loss(
         self, x0: Tensor, cond: Conditioning, uncond: Conditioning
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(L_DM, g, replaced)`` of generator samples ``x0``: the loss, the DMD gradient (dmd2.md §2)
+        """``(L_DM, g, replaced)`` of generator samples ``x0``: the loss, the DMD gradient (docs/methods/dmd.md)
         and the number of its entries that were non-finite (replaced)."""
         x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), cond, uncond)
         gradient, replaced = self.dm_gradient(x0.detach(), x0_real, x0_fake)
@@ -228,7 +228,7 @@ class DMD(DistillationModule):
 
     # ---- one iteration --------------------------------------------------------------------
     def generator_input(self, cond: Conditioning, n: int) -> tuple[Tensor, Tensor]:
-        """Backward-simulated generator input and its level (dmd2.md §6)."""
+        """Backward-simulated generator input and its level (docs/methods/dmd.md)."""
         levels = self.student_levels()
         step = self.shared_randint(len(levels)) if self.dmd.backward_simulation else 0
         return backward_simulation_input(

@@ -1,4 +1,4 @@
-"""DMDR (``dmdr.md``): DMD as the regulariser of a ReFL reward term, after a pure-DMD cold start.
+"""DMDR (``docs/methods/dmdr.md``): DMD as the regulariser of a ReFL reward term, after a pure-DMD cold start.
 
 Generator loss at generator update ``u``::
 
@@ -8,13 +8,13 @@ Generator loss at generator update ``u``::
 with DynaRS re-noising (σ ~ Beta(a(u), b(u)) for the DM loss), a real CFG scale
 jittered in ``[w − j, w + j]``, ε_n = 1e-8 and TTUR 5.
 
-The critic (dmdr.md §2, ``DMDRConfig.critic``):
+The critic (docs/methods/dmdr.md, ``DMDRConfig.critic``):
 
 - ``full_copy`` (default here): the fake score is a full trainable copy of the teacher, as in DMD2.
 - ``lora_on_teacher`` (the paper's): the fake score is the frozen teacher's own weights plus
   one LoRA (rank 32, α 32, Gaussian A, B = 0), shared without a second copy of the network.
   The LoRA's runtime scale picks the role: the fake score runs at ``fake_lora_scale`` (2.0),
-  the real score at DynaDG's ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))`` (dmdr.md §5), which is
+  the real score at DynaDG's ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))`` (docs/methods/dmdr.md), which is
   the plain adapter-free teacher once ``s_r(u) = 0``. Only the LoRA weights train, and
   checkpoints hold only them.
 """
@@ -48,7 +48,7 @@ CRITIC_ADAPTER = "critic"
 
 @dataclass
 class DMDRConfig:
-    """DMDR settings (defaults: the SD3-M recipe of dmdr.md §7, in generator updates)."""
+    """DMDR settings (defaults: DMDR's SD3-M recipe, in generator updates; docs/methods/dmdr.md)."""
 
     cold_start_updates: int = 2000
     """Generator updates of pure DMD before the reward term switches on."""
@@ -204,7 +204,7 @@ class DMDR(RewardedMethod, DMD):
 
     def real_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning, guidance_scale: float, uncond=None) -> Tensor:
         """The plain teacher at ``s_r(u) = 0``; otherwise the teacher's CFG prediction through the
-        critic LoRA at scale ``s_r(u)`` (DynaDG, dmdr.md §5)."""
+        critic LoRA at scale ``s_r(u)`` (DynaDG, docs/methods/dmdr.md)."""
         scale = self.real_lora_scale()
         if scale == 0.0:
             return super().real_x0(x_t, level, cond, guidance_scale, uncond)

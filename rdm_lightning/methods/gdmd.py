@@ -1,4 +1,4 @@
-"""GDMD (``gdmd.md``): rewards of the implicit DMD target reweight each sample's DMD update.
+"""GDMD (``docs/methods/gdmd.md``): rewards of the implicit DMD target reweight each sample's DMD update.
 
 Per generator update ``u``, on a batch of ``B/K`` prompts repeated ``K`` times in a row::
 
@@ -9,7 +9,7 @@ Per generator update ``u``, on a batch of ``B/K`` prompts repeated ``K`` times i
     L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − x̃_i)²)           ⇒ ∂L/∂x_i = w_i·η·g_i / N
 
 with N the number of elements of the whole batch x (B·pixels), as the batch mean
-divides by B too. Optional B2 auxiliary (§2.3), with
+divides by B too. Optional B2 auxiliary, with
 λ(u) = cosine_ramp(u, N0, b2_ramp_updates, b2_weight) (GNDMR's W3; 0 through the cold
 start) and ω_m the reward weights::
 
@@ -60,17 +60,17 @@ NORMALIZERS = ("per_sample", "group_mean")
 REWARD_SIGNALS = ("target", "improvement")
 WEIGHTINGS = ("softmax", "linear")
 B2_SCALES = ("matched", "raw")
-# gdmd.md §2.2: below this group size the softmax weights of a group are too coarse to guard
+# docs/methods/gdmd.md: below this group size the softmax weights of a group are too coarse to guard
 # against diversity collapse, so the module warns.
 RECOMMENDED_GROUP_SIZE = 8
 
 
 @dataclass
 class GDMDConfig:
-    """GDMD settings (defaults: gdmd.md §2; the cold start mirrors DMDR's SD3-M run)."""
+    """GDMD settings (defaults: docs/methods/gdmd.md; the cold start mirrors DMDR's SD3-M run)."""
 
     mode: str = "weighted"
-    """``weighted``: B1, reward-weighted DMD (gdmd.md §2.2); ``grpo``: B3 (§2.4, for ablation): after the
+    """``weighted``: B1, reward-weighted DMD (docs/methods/gdmd.md); ``grpo``: B3 (for ablation): after the
     cold start, GRPO on CPS rollouts with the rewards of each final sample's implicit target as advantages."""
     eta: float = 1.0
     """η, the step of the implicit target ``x̃ = sg(x − η·g)``; 1 makes x̃ the regression target of L_DM."""
@@ -92,10 +92,10 @@ class GDMDConfig:
     """K, samples per prompt; the data must repeat each prompt K times in a row
     (``DigitsDataModule(group_size=K)``). Warns below 8."""
     b2_weight: float = 0.0
-    """λ_B2, the maximum weight of the B2 reward-gradient auxiliary (§2.3): 0 = off (default),
+    """λ_B2, the maximum weight of the B2 reward-gradient auxiliary: 0 = off (default),
     0.1–0.3 when enabled. Every reward must then be differentiable."""
     b2_scale: str = "matched"
-    """B2 form (§2.3), used only when ``b2_weight > 0``: ``matched`` (recommended) moves the B1 target
+    """B2 form, used only when ``b2_weight > 0``: ``matched`` (recommended) moves the B1 target
     to ``sg(x̃ + λ·Σ_m ω_m·ĝ^m)`` with scale-matched reward gradients ĝ^m at x̃; ``raw`` adds
     ``−λ·mean_i Σ_m ω_m·train_scale_m·R_m(decode(x_i − sg(η·g_i)))``, differentiated through x_i."""
     b2_ramp_updates: int = 500
@@ -139,7 +139,7 @@ class GDMDConfig:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
         if self.group_size < RECOMMENDED_GROUP_SIZE:
             warnings.warn(
-                f"GDMD group_size={self.group_size} < {RECOMMENDED_GROUP_SIZE}: gdmd.md recommends K >= 8 "
+                f"GDMD group_size={self.group_size} < {RECOMMENDED_GROUP_SIZE}: docs/methods/gdmd.md recommends K >= 8 "
                 "against diversity collapse",
                 UserWarning,
                 stacklevel=2,
@@ -159,7 +159,7 @@ class GDMDConfig:
 
 class GDMD(GRPOMixin, DMDR):
     """DMDR's substrate whose per-sample DMD updates are weighted by group advantages of the
-    rewards of the implicit target ``x − η·g`` (gdmd.md B1), optionally plus their gradient at
+    rewards of the implicit target ``x − η·g`` (B1, docs/methods/gdmd.md), optionally plus their gradient at
     that target (B2).
 
     Args:
@@ -338,7 +338,7 @@ class GDMD(GRPOMixin, DMDR):
         }
         sample_images = None
         if self.in_cold_start():
-            # No reward model runs during the cold start (gdmd.md §2.5).
+            # No reward model runs during the cold start (docs/methods/gdmd.md).
             weights = torch.ones(len(x0), device=x0.device)
         else:
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""GNDM / GNDMR (``gndm.md``): distribution matching read as a reward R_dm, with RL group tools.
+"""GNDM / GNDMR (``docs/methods/gndm.md``): distribution matching read as a reward R_dm, with RL group tools.
 
 Batches are K-repeated (K consecutive samples per prompt). At generator update ``u``::
 
@@ -11,7 +11,7 @@ Without rewards this is GNDM; with them, GNDMR. The substrate is DMDR's
 (DynaRS, CFG jitter, ε_n = 1e-8, TTUR 5, cold start), and ``dmdr.cold_start_updates``
 is the N0 of every reward term: before it the loss is pure GNDM.
 
-Importance sampling (§2.5, ``importance_sampling.enabled``): backward simulation runs
+Importance sampling (``importance_sampling.enabled``): backward simulation runs
 its k prefix steps with a stochastic rule (CPS by default) and records log π_old; each
 such rollout then serves ``reuses`` generator updates. A reuse recomputes x̂0 at the
 stored x_{σ_k} and weights every sample's loss by the detached, clipped prefix ratio
@@ -71,7 +71,7 @@ DM_REWARD = "dm"
 
 @dataclass
 class GNDMConfig:
-    """GNDM / GNDMR switches (``gndm.md`` §2.7; defaults: the library's)."""
+    """GNDM / GNDMR switches (``docs/methods/gndm.md``; defaults: the library's)."""
 
     group_size: int = 4
     """K, samples per prompt; the batch must be K-repeated (the data module's ``group_size``)."""
@@ -131,7 +131,8 @@ class GNDMConfig:
 
 @dataclass
 class ImportanceSamplingConfig:
-    """Trajectory reuse with clipped prefix importance ratios (``gndm.md`` §2.5); off by default."""
+    """Trajectory reuse with clipped prefix importance ratios (``docs/methods/gndm.md``,
+    "Importance sampling"); off by default."""
 
     enabled: bool = False
     """Roll the backward-simulation prefix out stochastically and reuse each rollout."""
@@ -211,7 +212,7 @@ class GNDM(GRPOMixin, DMDR):
             in the weights; ``refl_sum`` needs differentiable ones (DMDR's hinge).
         gold_rewards: rewards scored and logged on generator samples, never optimized.
         gndm: GNDM / GNDMR switches.
-        importance_sampling: trajectory reuse with clipped prefix ratios (§2.5); off by default.
+        importance_sampling: trajectory reuse with clipped prefix ratios; off by default.
         grpo: rollouts and PPO loss of ``gndm.mode=grpo`` (A3).
         dmdr: DMDR substrate: cold start (N0 of every reward term), hinge (``refl_sum``), CFG
             jitter, DynaRS, and ``reward_weights``: per reward, ω_m (W1), λ_m^max (W2) or w_m (hinge).
@@ -414,7 +415,7 @@ class GNDM(GRPOMixin, DMDR):
         logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs
 
-    # ---- importance sampling (§2.5) ---------------------------------------------------------
+    # ---- importance sampling (docs/methods/gndm.md, "Importance sampling") ------------------
     @torch.no_grad()
     def stochastic_prefix(self, cond: Conditioning, n: int, role: str) -> Trajectory:
         """Backward simulation with stochastic steps: k ~ U{0..N−1} (same on every rank), then k

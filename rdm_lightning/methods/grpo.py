@@ -1,4 +1,6 @@
-"""The GRPO mode shared by GNDM-A3 and GDMD-B3 (``grpo.md``): stochastic rollouts and the PPO loss.
+"""The GRPO mode shared by GNDM-A3 and GDMD-B3: stochastic rollouts and the PPO loss.
+
+``docs/methods/gndm.md`` (``gndm.mode``) and ``docs/methods/gdmd.md`` (``mode``) describe the mode.
 
 In this mode a generator update rolls the student out with CPS steps (no grad), scores each
 final sample with a per-trajectory reward (GNDM: the R_dm ``elbo_diff`` scalar; GDMD: the
@@ -44,7 +46,8 @@ def flow_velocity(backbone: Backbone, network: torch.nn.Module, cond: Conditioni
 
 @dataclass
 class GRPOConfig:
-    """Rollouts and loss of the GRPO modes (``grpo.md`` §6–8; GNDM ``mode=grpo``, GDMD ``mode=grpo``)."""
+    """Rollouts and loss of the GRPO modes (GNDM ``mode=grpo``, ``docs/methods/gndm.md``; GDMD
+    ``mode=grpo``, ``docs/methods/gdmd.md``)."""
 
     eta: float = 0.9
     """CPS η of the rollout steps; the last step, into σ = 0, is deterministic (ς = 0) and untrained."""
@@ -56,7 +59,7 @@ class GRPOConfig:
     advantage_std: Literal["global", "group"] = "global"
     """Scale of the group advantages: std over the batch (Flow-GRPO's default) or over the group."""
     advantage_clip: float = 5.0
-    """Advantages are clipped to ±this (grpo.md §6)."""
+    """Advantages are clipped to ±this (docs/methods/rtdmd.md, "Stage 2, ``RTDMD``")."""
 
     def __post_init__(self):
         if not 0 < self.eta <= 1:

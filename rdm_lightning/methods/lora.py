@@ -2,11 +2,11 @@
 
 - ``add_lora(shared_copy(teacher), ...)``: a structural copy of a frozen network whose parameters
   and buffers *are* the original's (no second copy of the weights), with one LoRA adapter in the
-  copy only (DMDR's ``critic: lora_on_teacher``, dmdr.md §2). :func:`lora_scale` sets the adapter's runtime
+  copy only (DMDR's ``critic: lora_on_teacher``, docs/methods/dmdr.md). :func:`lora_scale` sets the adapter's runtime
   scale for a block of code (DMDR: 2.0 for the fake score, ``s_r(u)`` for the real score).
-- :func:`add_lora`, :func:`lora_parameters`, :func:`merge_lora`: RTDMD's LoRA roles (rtdmd.md §5):
-  each role is its network plus one adapter; stage 2 merges stage 1's adapters into the base
-  weights before training fresh ones, and export merges the last ones.
+- :func:`add_lora`, :func:`lora_parameters`, :func:`merge_lora`: RTDMD's LoRA roles
+  (docs/methods/rtdmd.md, "LoRA roles"): each role is its network plus one adapter; stage 2 merges
+  stage 1's adapters into the base weights before training fresh ones, and export merges the last ones.
 
 peft is an optional dependency (the ``lora`` extra), imported only when a LoRA is built.
 """

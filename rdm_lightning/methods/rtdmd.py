@@ -1,4 +1,4 @@
-"""RTDMD stage 2 (``rtdmd.md`` §2, §4, §5 "Stage 2"; ``grpo.md`` §6, §8): RL with SubGRPO on an AC-DMD generator.
+"""RTDMD stage 2 (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``"): RL with SubGRPO on an AC-DMD generator.
 
 Objective: p̃ ∝ p_teacher·exp(β·r), so the generator follows ∇KL(p_θ‖p_teacher) (the AC-DMD auxiliary,
 weight 0.001) plus −β·∇E[r] (the PPO steps on the rollout and the reward backprop of the final step).
@@ -46,19 +46,20 @@ Choices, where the spec leaves room or the library differs from the reference:
 - **Groups are positional** (K consecutive samples), as everywhere in the library; the reference groups
   by prompt string, which is the same partition unless two groups share a prompt (the digits prompts
   repeat: two groups of "a handwritten digit 3" stay two groups, and share their per-prompt noise).
-- **Rank-local draws.** Stage 2's t_r, Δ and all noise are local to each rank (``rtdmd.md`` §4: "local to
-  each rank"), so :meth:`RTDMD.shared_draw` does not broadcast (ACDMD's stage 1 does). The SubGRPO steps
-  and the per-prompt noise need no collective by construction.
+- **Rank-local draws.** Stage 2's t_r, Δ and all noise are local to each rank (``docs/methods/rtdmd.md``),
+  so :meth:`RTDMD.shared_draw` does not broadcast (ACDMD's stage 1 does). The SubGRPO steps and the
+  per-prompt noise need no collective by construction.
 - **Rewards.** ``reward_weights`` (default 1 each) are both the ω_m of the advantages and the weights of
   R in the backprop term (with each reward's ``train_scale``, e.g. PickScore/26). The backprop term needs
   differentiable rewards; with ``backprop_weight: 0`` any reward is accepted (advantages only).
 - **EMA.** The spec's stage-2 EMA, decay ``min((1+n)/(10+n), 0.9)`` every 8 generator updates, is
   :class:`~rdm_lightning.callbacks.GeneratorEMA` with ``decay: 0.9, every_n_updates: 8, warmup: true``.
-- **LoRA** (``acdmd.lora_rank > 0``, ``rtdmd.md`` §5). A stage-1 checkpoint with role LoRAs is merged on
-  load: each role is rebuilt with stage 1's adapter (its checkpoint's ``acdmd.lora_rank``/``lora_alpha``),
-  loaded and folded into its base weights. With ``lora_rank > 0`` here too, those merged weights become
-  the base of fresh adapters (B = 0, so stage 2 starts from exactly stage 1's networks) and only the new
-  adapters train; ``rdm export`` merges them in turn. Full-copy and LoRA stages mix freely.
+- **LoRA** (``acdmd.lora_rank > 0``, ``docs/methods/rtdmd.md``, "LoRA roles"). A stage-1 checkpoint
+  with role LoRAs is merged on load: each role is rebuilt with stage 1's adapter (its checkpoint's
+  ``acdmd.lora_rank``/``lora_alpha``), loaded and folded into its base weights. With ``lora_rank > 0``
+  here too, those merged weights become the base of fresh adapters (B = 0, so stage 2 starts from
+  exactly stage 1's networks) and only the new adapters train; ``rdm export`` merges them in turn.
+  Full-copy and LoRA stages mix freely.
 - ``dmd.guidance_scale`` is the teacher CFG of the AC-DMD auxiliary (the stage-1 value);
   ``dmd.generator_update_ratio`` and ``dmd.backward_simulation`` are unused (every iteration updates both
   roles once, and the auxiliary is always at the final step).
@@ -105,7 +106,8 @@ STAGE1_ROLES = ("generator", "fake_score")
 
 @dataclass
 class RTDMDConfig:
-    """RTDMD stage-2 settings (defaults: ``rtdmd.md`` §4–5; CPS η and γ are ``ACDMDConfig``'s)."""
+    """RTDMD stage-2 settings (defaults: ``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``"; CPS η and γ are
+    ``ACDMDConfig``'s)."""
 
     group_size: int = 4
     """K, images per prompt; the batch must be K-repeated (the data module's ``group_size``).
@@ -113,7 +115,7 @@ class RTDMDConfig:
     num_selected_steps: int = 2
     """|S|: stochastic steps {0..T−2} trained each RL iteration (SubGRPO: 2 of {0, 1, 2})."""
     clip_range: float = 1e-5
-    """PPO's ε (``rtdmd.md`` §4)."""
+    """PPO's ε (``docs/methods/rtdmd.md``, "Stage 2, ``RTDMD``")."""
     advantage_clip: float = 5.0
     """Advantages are clipped to ±this after the renormalisation."""
     reward_weights: dict[str, float] | None = None
@@ -179,7 +181,7 @@ def masked_rtdmd_advantages(
     """RTDMD advantages of a gathered batch, with zero-advantage samples masked: ``(raw, advantages, keep)``.
 
     ``raw`` is :func:`~rdm_lightning.core.rtdmd.rtdmd_advantages` before the clip (mean 0, std ≈ 1 over
-    the batch: ``rtdmd.md`` acceptance check 6). ``keep`` is False where every per-reward group-centred
+    the batch; ``docs/methods/rtdmd.md``). ``keep`` is False where every per-reward group-centred
     advantage ``A_m`` is exactly 0 (e.g. a constant group), decided before the renormalisation that would
     turn those zeros into ~1e-8. ``advantages`` is ``clip(raw, ±clip)`` with the masked samples exactly 0.
     """
@@ -332,7 +334,7 @@ class RTDMD(RewardedMethod, ACDMD):
 
     # ---- randomness --------------------------------------------------------------------------------
     def shared_draw(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
-        """Stage 2 keeps t_r and Δ local to each rank (``rtdmd.md`` §4): ``draw(self.rng)``, no broadcast."""
+        """Stage 2 keeps t_r and Δ local to each rank (``docs/methods/rtdmd.md``): ``draw(self.rng)``, no broadcast."""
         return draw(self.rng)
 
     def stochastic_steps(self) -> list[int]:
@@ -391,7 +393,8 @@ class RTDMD(RewardedMethod, ACDMD):
         return advantages[mine].to(self.device), logs
 
     def final_step_x0(self, rollout: RLRollout, cond: Conditioning) -> Tensor:
-        """``x̂0 = x_{σ_{T−1}} − σ_{T−1}·v_θ(x_{σ_{T−1}})`` with grad, from the stored latent (rtdmd.md §4)."""
+        """``x̂0 = x_{σ_{T−1}} − σ_{T−1}·v_θ(x_{σ_{T−1}})`` with grad, from the stored latent
+        (docs/methods/rtdmd.md)."""
         x_in = rollout.trajectory.latents[-2]
         level = torch.full((len(x_in),), float(rollout.trajectory.sigmas[-2]), dtype=torch.float64, device=x_in.device)
         return self.backbone.predict_x0(self.generator, x_in, level, cond)

@@ -25,11 +25,11 @@ from torch import Tensor
 
 from rdm_lightning.rewards.base import RewardModel, build_reward
 
-# OpenAI CLIP normalisation (rewards.md §1).
+# OpenAI CLIP's published image normalisation constants (per-channel RGB mean and std).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# DMDR's control words (dmdr.md §4), adapted there from SRPO.
+# DMDR's control words (docs/methods/dmdr.md), adapted there from SRPO.
 SRPO_POSITIVE_WORDS = ("Natural-lighting", "Detailed", "Realistic")
 SRPO_NEGATIVE_WORDS = ("Painting", "CG Render", "Oil")
 
@@ -114,7 +114,7 @@ def _require_clip_folder(folder: Path) -> None:
 class CLIPScoreReward(RewardModel):
     """CLIP score: cosine of the projected, L2-normalised image and prompt embeddings; differentiable.
 
-    This is the diagonal of ``logits_per_image / logit_scale.exp()`` (rewards.md §2; RTDMD
+    This is the diagonal of ``logits_per_image / logit_scale.exp()`` (RTDMD
     uses ``openai/clip-vit-large-patch14``, DMDR DFN5B-CLIP-ViT-H-14), in ``[-1, 1]``,
     typically 0.28–0.32 for matching pairs. With ``logit_scale=True`` it is multiplied by
     the model's ``logit_scale.exp()`` (PickScore's form; 100 for OpenAI CLIP).
@@ -186,7 +186,7 @@ class SRPOReward(RewardModel):
 
     ``f`` are the scorer's L2-normalised image and text embeddings, ``k`` is ``positive_scale``
     (DMDR: 1.1, i.e. its ``srpo_k = 0.1`` plus one), and ``pos`` / ``neg`` are control words
-    drawn uniformly from ``positive_words`` / ``negative_words`` (dmdr.md §4). ``word ⊕ prompt``
+    drawn uniformly from ``positive_words`` / ``negative_words`` (docs/methods/dmdr.md). ``word ⊕ prompt``
     is ``f"{word}. {prompt}"``, the joiner of DMDR's released code (the spec leaves it open).
 
     Each image gets its own ``(pos, neg)`` pair, and each :meth:`score` call draws fresh pairs
