@@ -159,28 +159,11 @@ class UnrolledRollout:
     """Mixin: the generator's x̂0 (DM loss and critic batch) is the final output of a full student
     rollout from pure noise, with gradient through every step when the generator updates."""
 
-    def rollout(self, cond, n: int) -> Tensor:
-        return few_step_sample(
-            lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond),
-            self.randn((n, *self.backbone.latent_shape)), self.student_levels(), self.backbone.schedule,
-            self.student.step_rule, self.rng,
-        )
+    def generator_input(self, cond, n):
+        return self.randn((n, *self.backbone.latent_shape)), self.student_levels()[:1].expand(n)
 
-    def training_step(self, batch, batch_idx):
-        prompts = batch["prompts"]
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = self.backbone.empty_conditioning(len(prompts))
-        if self.is_generator_iteration():
-            with self.trainable_role("generator"):
-                x0 = self.rollout(cond, len(prompts))
-                self.step_role("generator", self.generator_loss(x0, cond, uncond, batch)[0])
-            x0 = x0.detach()
-        else:
-            with torch.no_grad():
-                x0 = self.rollout(cond, len(prompts))
-        with self.trainable_role("fake_score"):
-            self.step_role("fake_score", self.fake_score_loss(x0, cond, batch)[0])
-        self.iterations += 1
+    def generator_x0(self, x_in, level, cond):
+        return self.rollout_x0(x_in, cond)
 
 
 def train(module: DMD, group_size: int, seed: int, ema: float | None = None) -> float:

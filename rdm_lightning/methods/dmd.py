@@ -261,17 +261,28 @@ class DMD(DistillationModule):
         """
         return batch, cond, x0
 
-    @torch.no_grad()
-    def final_step_samples(self, cond: Conditioning, n: int) -> Tensor:
-        """The final-step x̂0 of a full no-grad rollout of the student sampler (``critic_on_final_step``)."""
+    def generator_x0(self, x_in: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """The generator's x̂0 for the iteration's input ``x_in`` at ``level`` (grad as the caller allows).
+
+        A hook: a variant that trains on a whole rollout's output overrides it with :meth:`rollout_x0`.
+        """
+        return self.backbone.predict_x0(self.generator, x_in, level, cond)
+
+    def rollout_x0(self, noise: Tensor, cond: Conditioning) -> Tensor:
+        """The final-step x̂0 of the student sampler run through every level from ``noise``."""
         return few_step_sample(
             lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond),
-            self.randn((n, *self.backbone.latent_shape)),
+            noise,
             self.student_levels(),
             self.backbone.schedule,
             self.student.step_rule,
             generator=self.rng,
         )
+
+    @torch.no_grad()
+    def final_step_samples(self, cond: Conditioning, n: int) -> Tensor:
+        """The final-step x̂0 of a full no-grad rollout of the student sampler (``critic_on_final_step``)."""
+        return self.rollout_x0(self.randn((n, *self.backbone.latent_shape)), cond)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         update_generator = self.is_generator_iteration()
@@ -281,13 +292,13 @@ class DMD(DistillationModule):
         logs = {}
         if update_generator:
             with self.trainable_role("generator"):
-                x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
+                x0 = self.generator_x0(x_in, level, cond)
                 loss, logs = self.generator_loss(x0, cond, uncond, batch)
                 self.step_role("generator", loss)
             x0 = x0.detach()
         else:
             with torch.no_grad():
-                x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
+                x0 = self.generator_x0(x_in, level, cond)
         batch, cond, x0 = self.critic_inputs(batch, cond, x0)
         if self.dmd.critic_on_final_step:
             x0 = self.final_step_samples(cond, len(x0))
