@@ -20,15 +20,14 @@ Variants (issue 11 part 2), one change against the settings above:
 - ``--set KEY=VALUE`` (repeatable) overrides one field of ``dmd.*`` (``DMDConfig``),
   ``student.*`` (``StudentConfig``), ``generator_optimizer.*`` or ``fake_score_optimizer.*``
   (``OptimizerConfig``); VALUE is parsed as YAML (``dmd.dm_level_range=[0.5,0.98]``,
-  ``student.step_rule=ode``, ``dmd.backward_simulation=false``). The student is sampled with
-  its own step rule, beside the teacher's sampler with that rule.
+  ``student.step_rule=ode``, ``dmd.generator_samples=rollout``: the DM loss on the final output
+  of the whole student rollout, gradient through every step). The student is sampled with its own
+  step rule, beside the teacher's sampler with that rule.
 - ``--ema DECAY``: also score the EMA of the generator (``GeneratorEMA(DECAY)``).
 - ``--train-step K``: backward simulation always to step ``K`` (``K = steps − 1``: the DM loss
   and the fake score both on the final step's x̂0 only); benchmark-only.
 - ``--per-step-critic``: one fake score per student step, each fit to (and compared with) only
   its own step's x̂0, so no critic sees the mixture of steps; benchmark-only.
-- ``--unrolled``: the generator's x̂0 is the final output of a full student rollout with
-  gradient through every step, and the fake score is fit to those outputs; benchmark-only.
 - ``--per-step``: score the x̂0 of every step k of the teacher's few-step sampler (the student
   at initialisation), i.e. what the fake score is fit to under backward simulation.
 """
@@ -87,13 +86,12 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 def make_module(
     method: str, backbone: MixtureBackbone, steps: int, lr: float, seed: int, updates: int,
     overrides: dict[str, dict] | None = None, train_step: int | None = None, per_step_critic: bool = False,
-    unrolled: bool = False,
 ) -> DMD:
     """The method's module with the issue's DMD settings: TTUR 5, CFG 1, backward simulation,
     then ``overrides`` (``parse_overrides``) applied field by field."""
     overrides = overrides or {}
     if method == "dmd":
-        dmd = DMDConfig(guidance_scale=1.0, generator_update_ratio=5, backward_simulation=True)
+        dmd = DMDConfig(guidance_scale=1.0, generator_update_ratio=5)
     elif method == "gndm":
         dmd = DMDConfig(guidance_scale=1.0, generator_update_ratio=5, norm_eps=1e-8)
     else:
@@ -109,12 +107,10 @@ def make_module(
         if not 0 <= train_step < steps:
             raise ValueError(f"train_step must lie in [0, {steps - 1}], got {train_step}")
         cls = type(f"{cls.__name__}Step{train_step}", (FixedTrainStep, cls), {"train_step": train_step})
-    if (per_step_critic or unrolled) and method != "dmd":
-        raise ValueError(f"--per-step-critic and --unrolled are DMD variants, got method {method!r}")
+    if per_step_critic and method != "dmd":
+        raise ValueError(f"--per-step-critic is a DMD variant, got method {method!r}")
     if per_step_critic:
         cls = type(f"{cls.__name__}PerStepCritic", (PerStepCritic, cls), {})
-    if unrolled:
-        cls = type(f"{cls.__name__}Unrolled", (UnrolledRollout, cls), {})
     return cls(backbone, **configs, seed=seed, max_generator_updates=updates)
 
 
@@ -153,17 +149,6 @@ class PerStepCritic:
         step = super().shared_randint(high)
         self.fake_score.active = step
         return step
-
-
-class UnrolledRollout:
-    """Mixin: the generator's x̂0 (DM loss and critic batch) is the final output of a full student
-    rollout from pure noise, with gradient through every step when the generator updates."""
-
-    def generator_input(self, cond, n):
-        return self.randn((n, *self.backbone.latent_shape)), self.student_levels()[:1].expand(n)
-
-    def generator_x0(self, x_in, level, cond):
-        return self.rollout_x0(x_in, cond)
 
 
 def train(module: DMD, group_size: int, seed: int, ema: float | None = None) -> float:
@@ -232,7 +217,6 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=None, help="also score the generator's EMA at this decay")
     parser.add_argument("--train-step", type=int, default=None, help="always train backward-simulation step K")
     parser.add_argument("--per-step-critic", action="store_true", help="one fake score per student step")
-    parser.add_argument("--unrolled", action="store_true", help="DM on the final output of a rollout with grad")
     parser.add_argument("--hidden", type=int, default=128, help="width of the denoiser's residual MLP (every role)")
     parser.add_argument("--per-step", action="store_true", help="score each step's x̂0 of the teacher sampler")
     parser.add_argument("--no-reference", action="store_true", help="skip the real-data and 200-step rows")
@@ -262,7 +246,7 @@ def main() -> None:
             ]
     variant = " ".join(args.set + ([f"ema {args.ema:g}"] if args.ema is not None else [])
                        + ([f"train step {args.train_step}"] if args.train_step is not None else [])
-                       + (["per-step critic"] if args.per_step_critic else []) + (["unrolled"] if args.unrolled else [])
+                       + (["per-step critic"] if args.per_step_critic else [])
                        + ([f"hidden {args.hidden}"] if args.hidden != 128 else []))
     for steps in args.steps:
         rows[f"teacher {steps}-step {rule} (student init)"] = [
@@ -277,7 +261,7 @@ def main() -> None:
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 module = make_module(method, backbone, steps, args.lr, seed, args.updates, overrides, args.train_step,
-                                     args.per_step_critic, args.unrolled)
+                                     args.per_step_critic)
                 minutes = train(module, group_size, seed, args.ema)
                 levels = module.student_levels()
                 runs.append(scores(sample(backbone, module.generator, prompts, levels, module.student.step_rule)))

@@ -35,8 +35,8 @@ def fit(model: DMD, tmp_path, updates: int, callbacks=()) -> L.Trainer:
     return trainer
 
 
-def test_without_backward_simulation_the_generator_trains_from_pure_noise(tiny_digits_teacher, monkeypatch):
-    model = module(tiny_digits_teacher, dmd=DMDConfig(backward_simulation=False))
+def test_first_step_samples_train_the_generator_from_pure_noise(tiny_digits_teacher, monkeypatch):
+    model = module(tiny_digits_teacher, dmd=DMDConfig(generator_samples="first_step"))
     monkeypatch.setattr(model, "shared_randint", lambda high: pytest.fail("no step is drawn without backward simulation"))
     cond = model.backbone.encode_prompts(PROMPTS)
     state = model.rng.get_state()

@@ -178,8 +178,9 @@ class ACDMD(DMD):
         acdmd: AC-DMD settings (CPS η, consistency γ and Δ, renoise clamp, ADSM weight cap, role LoRAs).
         dmd: the DMD settings AC-DMD shares: ``guidance_scale`` (teacher CFG w of the real velocity),
             ``generator_update_ratio`` (TTUR, 10 in the spec), ``norm_eps`` (0: the spec's
-            normaliser) and ``backward_simulation`` (``False`` trains step 1 only). The DM/fake
-            level ranges are unused (t_r follows ``acdmd.renoise_clamp``); a GAN head is refused.
+            normaliser) and ``generator_samples`` (``first_step`` trains step 1 only; a ``rollout``
+            is refused: the DM loss is at a CPS boundary sample). The DM/fake level ranges are unused
+            (t_r follows ``acdmd.renoise_clamp``); a GAN head and ``critic_on_final_step`` are refused.
         generator_optimizer: AdamW of the generator.
         fake_score_optimizer: AdamW of the fake score.
         student: the generator's levels (``num_steps`` / ``levels``); its ``step_rule`` is unused,
@@ -189,6 +190,9 @@ class ACDMD(DMD):
         seed: seed of the module's random stream.
         max_generator_updates: stop fit after this many generator updates.
     """
+
+    supported_generator_samples = ("backward_simulation", "first_step")
+    supports_critic_on_final_step = False
 
     def __init__(
         self,
@@ -274,7 +278,7 @@ class ACDMD(DMD):
     # ---- rollout and boundary sample ------------------------------------------------------
     def draw_step(self) -> int:
         """k ∈ {1..N}, the same on every rank (k = 1 without backward simulation)."""
-        if not self.dmd.backward_simulation:
+        if self.dmd.generator_samples == "first_step":
             return 1
         return self.shared_randint(len(self.student_levels())) + 1
 

@@ -28,6 +28,10 @@ from rdm_lightning.methods.base import (
 from rdm_lightning.methods.optim import OptimizerConfig
 
 
+GENERATOR_SAMPLES = ("backward_simulation", "first_step", "rollout")
+"""Accepted ``DMDConfig.generator_samples``."""
+
+
 @dataclass
 class DMDConfig:
     """DMD2 loss settings (defaults: the SD1.5 recipe)."""
@@ -48,14 +52,21 @@ class DMDConfig:
     """``w_G`` of the generator's GAN loss; 0 disables the GAN head altogether."""
     gan_discriminator_weight: float = 1e-2
     """``w_D`` of the discriminator loss added to the fake-score loss."""
-    backward_simulation: bool = True
-    """Train a multi-step student at a random step ``k`` (DMD2); ``False`` trains step 0 only."""
+    generator_samples: str = "backward_simulation"
+    """Which generator x̂0 the DM loss and the fake score see (``docs/methods/dmd.md``):
+    ``backward_simulation`` (DMD2): step ``k``'s x̂0 for a random ``k``, its input from a no-grad
+    rollout of the first ``k`` steps; ``first_step``: step 0's x̂0 from pure noise only;
+    ``rollout``: the final output of the whole student sampler, with gradient through every step
+    (``num_steps`` generator forwards and their activations per update). ``rollout`` keeps a
+    multi-step student from drifting away from the data, where backward simulation asks every
+    step's x̂0 to look like data (measured in ``docs/methods/dmd.md``, student fidelity)."""
     critic_on_final_step: bool = False
     """Fit the fake score to the final-step output of a full no-grad student rollout instead of
     this iteration's x̂0 at step ``k``; costs ``num_steps`` extra generator forwards per iteration.
     A measured variant, not a fix (``docs/methods/dmd.md``, student fidelity): from a teacher whose
     few-step sampler is already good (the exact-teacher benchmark) it stops the 4-step student's
-    drift, but on digits, where the early steps must change, it diverges after ~700 updates."""
+    drift, but on digits, where the early steps must change, it diverges after ~700 updates.
+    With ``generator_samples: rollout`` the fake score already sees the final output: an error."""
 
     def __post_init__(self):
         check_guidance_scale("dmd.guidance_scale", self.guidance_scale)
@@ -69,8 +80,15 @@ class DMDConfig:
             low, high = getattr(self, name)
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high <= 1, got {(low, high)}")
+        if self.generator_samples not in GENERATOR_SAMPLES:
+            raise ValueError(f"dmd.generator_samples={self.generator_samples!r}: expected one of {GENERATOR_SAMPLES}")
         if not isinstance(self.critic_on_final_step, bool):
             raise ValueError(f"dmd.critic_on_final_step must be a bool, got {self.critic_on_final_step!r}")
+        if self.critic_on_final_step and self.generator_samples == "rollout":
+            raise ValueError(
+                "dmd.critic_on_final_step=true with dmd.generator_samples='rollout': the fake score already "
+                "fits the rollout's final output; set critic_on_final_step: false"
+            )
         for name in ("norm_eps", "gan_generator_weight", "gan_discriminator_weight"):
             check_finite(f"dmd.{name}", getattr(self, name))
         if self.norm_eps < 0:
@@ -121,6 +139,11 @@ class DMD(DistillationModule):
         max_generator_updates: stop fit after this many generator updates.
     """
 
+    supported_generator_samples: tuple[str, ...] = GENERATOR_SAMPLES
+    """The ``dmd.generator_samples`` a method trains with; others are refused at construction."""
+    supports_critic_on_final_step: bool = True
+    """Whether the method's critic batch can be replaced by ``dmd.critic_on_final_step``'s rollout."""
+
     def __init__(
         self,
         backbone: Backbone,
@@ -137,10 +160,22 @@ class DMD(DistillationModule):
             backbone, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
             max_generator_updates,
         )
+        self.check_dmd_support(dmd)
         self.dmd = dmd
         if dmd.use_gan:
             channels, height, _ = backbone.feature_shape
             self.discriminator_head = DiscriminatorHead(channels, height)
+
+    def check_dmd_support(self, dmd: DMDConfig) -> None:
+        """Refuse DMD settings this method's training step would not honour."""
+        name = type(self).__name__
+        if dmd.generator_samples not in self.supported_generator_samples:
+            raise ValueError(
+                f"{name} trains with dmd.generator_samples in {self.supported_generator_samples}, "
+                f"got {dmd.generator_samples!r}"
+            )
+        if dmd.critic_on_final_step and not self.supports_critic_on_final_step:
+            raise ValueError(f"{name} has its own critic batch: dmd.critic_on_final_step=true is not supported")
 
     # ---- losses ---------------------------------------------------------------------------
     def dm_levels(self, n: int) -> Tensor:
@@ -228,9 +263,12 @@ class DMD(DistillationModule):
 
     # ---- one iteration --------------------------------------------------------------------
     def generator_input(self, cond: Conditioning, n: int) -> tuple[Tensor, Tensor]:
-        """Backward-simulated generator input and its level (docs/methods/dmd.md)."""
+        """The generator's input and its level (docs/methods/dmd.md): backward-simulated at a random step,
+        or pure noise at the first level (``first_step``, and ``rollout``, which runs every step from it)."""
         levels = self.student_levels()
-        step = self.shared_randint(len(levels)) if self.dmd.backward_simulation else 0
+        if self.dmd.generator_samples == "rollout":
+            return self.randn((n, *self.backbone.latent_shape)), levels[:1].expand(n)
+        step = self.shared_randint(len(levels)) if self.dmd.generator_samples == "backward_simulation" else 0
         return backward_simulation_input(
             lambda x, t: self.backbone.predict_x0(self.generator, x, t, cond),
             self.randn((n, *self.backbone.latent_shape)),
@@ -262,10 +300,10 @@ class DMD(DistillationModule):
         return batch, cond, x0
 
     def generator_x0(self, x_in: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
-        """The generator's x̂0 for the iteration's input ``x_in`` at ``level`` (grad as the caller allows).
-
-        A hook: a variant that trains on a whole rollout's output overrides it with :meth:`rollout_x0`.
-        """
+        """The generator's x̂0 for the iteration's input ``x_in`` at ``level`` (grad as the caller allows):
+        one step, or with ``generator_samples: rollout`` the whole sampler's output from the noise ``x_in``."""
+        if self.dmd.generator_samples == "rollout":
+            return self.rollout_x0(x_in, cond)
         return self.backbone.predict_x0(self.generator, x_in, level, cond)
 
     def rollout_x0(self, noise: Tensor, cond: Conditioning) -> Tensor:

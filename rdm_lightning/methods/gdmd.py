@@ -180,6 +180,9 @@ class GDMD(GRPOMixin, DMDR):
         max_generator_updates: stop fit after this many generator updates.
     """
 
+    # B3's GRPO rollouts are one-step inputs: a gradient through the whole rollout is refused.
+    supported_generator_samples = ("backward_simulation", "first_step")
+
     def __init__(
         self,
         backbone: Backbone,

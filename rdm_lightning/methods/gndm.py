@@ -226,6 +226,9 @@ class GNDM(GRPOMixin, DMDR):
         max_generator_updates: stop fit after this many generator updates.
     """
 
+    # Its GRPO rollouts and IS prefixes are one-step inputs: a gradient through the whole rollout is refused.
+    supported_generator_samples = ("backward_simulation", "first_step")
+
     def __init__(
         self,
         backbone: Backbone,
@@ -259,8 +262,11 @@ class GNDM(GRPOMixin, DMDR):
             require_flow(backbone, "importance sampling")
             if gndm.mode == "grpo":
                 raise ValueError("importance sampling reuses pathwise backward-simulation prefixes: not with mode='grpo'")
-            if not dmd.backward_simulation:
-                raise ValueError("importance sampling reuses backward-simulation prefixes: set dmd.backward_simulation")
+            if dmd.generator_samples != "backward_simulation":
+                raise ValueError(
+                    "importance sampling reuses backward-simulation prefixes: set dmd.generator_samples: "
+                    f"backward_simulation (got {dmd.generator_samples!r})"
+                )
         self.stored_rollout: StoredRollout | None = None
         self.rollouts = {"generator": 0, "fake_score": 0}
         """Fresh backward-simulation rollouts so far, by the role whose update drew them."""

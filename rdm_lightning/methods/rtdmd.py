@@ -61,8 +61,8 @@ Choices, where the spec leaves room or the library differs from the reference:
   exactly stage 1's networks) and only the new adapters train; ``rdm export`` merges them in turn.
   Full-copy and LoRA stages mix freely.
 - ``dmd.guidance_scale`` is the teacher CFG of the AC-DMD auxiliary (the stage-1 value);
-  ``dmd.generator_update_ratio`` and ``dmd.backward_simulation`` are unused (every iteration updates both
-  roles once, and the auxiliary is always at the final step).
+  ``dmd.generator_update_ratio`` is unused (every iteration updates both roles once) and
+  ``dmd.generator_samples`` must stay ``backward_simulation`` (the auxiliary is always at the final step).
 
 - **Resuming.** S and the shared noise depend on (seed, rl_iterations, prompt) only, so a resumed run
   selects the same steps and draws the same per-prompt noise. From an epoch-boundary checkpoint the whole
@@ -205,7 +205,8 @@ class RTDMD(RewardedMethod, ACDMD):
             from the pretrained network (only for tests and ablations).
         rtdmd: stage-2 settings (group size, SubGRPO, PPO clip, loss weights).
         acdmd: CPS η of rollouts and sampling, and the fake score's consistency γ, as in stage 1.
-        dmd: ``guidance_scale`` is the teacher CFG of the AC-DMD auxiliary; the rest is unused.
+        dmd: ``guidance_scale`` is the teacher CFG of the AC-DMD auxiliary; ``generator_samples`` must stay
+            ``backward_simulation`` (stage 2 draws its own rollouts); the rest is unused.
         generator_optimizer: AdamW of the generator (spec: lr 3e-6, weight decay 1e-4, clip 1.0).
         fake_score_optimizer: AdamW of the fake score (spec: lr 3e-5).
         student: the generator's levels (T steps; T >= 2 so that a stochastic step exists).
@@ -214,6 +215,8 @@ class RTDMD(RewardedMethod, ACDMD):
         seed: seed of the module's stream and of the SubGRPO step selection.
         max_generator_updates: stop fit after this many generator updates (= RL iterations).
     """
+
+    supported_generator_samples = ("backward_simulation",)
 
     def __init__(
         self,
