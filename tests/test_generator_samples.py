@@ -7,7 +7,9 @@ import torch
 
 from rdm_lightning.backbones import DigitsBackbone
 from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule
-from rdm_lightning.methods import ACDMD, DMD, DMDR, GDMD, GNDM, RTDMD, DMDRConfig
+from rdm_lightning.methods import (
+    ACDMD, DMD, DMDR, GDMD, GNDM, RTDMD, DMDRConfig, GDMDConfig, GNDMConfig, ImportanceSamplingConfig,
+)
 from rdm_lightning.methods.base import StudentConfig
 from rdm_lightning.methods.dmd import GENERATOR_SAMPLES, DMDConfig
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -95,17 +97,20 @@ def test_rollout_fits_the_fake_score_to_the_rollouts_it_trains_on(monkeypatch):
     assert len(dm_samples) == 3 and all(x0.requires_grad for x0 in dm_samples)
 
 
-@pytest.mark.parametrize("method", ["acdmd", "rtdmd", "gndm", "gdmd"])
+@pytest.mark.parametrize("method", ["acdmd", "rtdmd", "gndm_grpo", "gndm_is", "gdmd_grpo"])
 def test_methods_that_cannot_train_on_a_rollout_refuse_it(method, tiny_digits_teacher):
     backbone = DigitsBackbone(str(tiny_digits_teacher))
     dmd = DMDConfig(generator_samples="rollout")
-    build = {
-        "acdmd": lambda: ACDMD(backbone, dmd=dmd),
-        "rtdmd": lambda: RTDMD(backbone, rewards=[StrokeContrastReward()], dmd=dmd),
-        "gndm": lambda: GNDM(backbone, dmd=dmd),
-        "gdmd": lambda: GDMD(backbone, rewards=[StrokeContrastReward()], dmd=dmd),
+    reward = StrokeContrastReward()
+    build, message = {
+        "acdmd": (lambda: ACDMD(backbone, dmd=dmd), r"ACDMD trains with dmd.generator_samples in \(.*\), got 'rollout'"),
+        "rtdmd": (lambda: RTDMD(backbone, rewards=[reward], dmd=dmd), r"RTDMD trains with dmd.generator_samples in"),
+        "gndm_grpo": (lambda: GNDM(backbone, gndm=GNDMConfig(mode="grpo"), dmd=dmd), "not with gndm.mode='grpo'"),
+        "gndm_is": (lambda: GNDM(backbone, importance_sampling=ImportanceSamplingConfig(enabled=True), dmd=dmd),
+                    "importance_sampling.enabled=True"),
+        "gdmd_grpo": (lambda: GDMD(backbone, rewards=[reward], gdmd=GDMDConfig(mode="grpo"), dmd=dmd), "not with gdmd.mode='grpo'"),
     }[method]
-    with pytest.raises(ValueError, match=r"trains with dmd.generator_samples in \(.*\), got 'rollout'"):
+    with pytest.raises(ValueError, match=message):
         build()
 
 
@@ -120,14 +125,21 @@ def test_acdmd_refuses_critic_on_final_step(tiny_digits_teacher):
         ACDMD(DigitsBackbone(str(tiny_digits_teacher)), dmd=DMDConfig(critic_on_final_step=True))
 
 
-def test_dmdr_trains_its_rewards_on_the_rollout_output(tiny_digits_teacher, monkeypatch):
+@pytest.mark.parametrize("method", ["dmdr", "gndm", "gdmd"])
+def test_reward_methods_train_on_the_rollout_output(method, tiny_digits_teacher, monkeypatch):
+    backbone = DigitsBackbone(str(tiny_digits_teacher))
     reward = StrokeContrastReward()
-    module = DMDR(DigitsBackbone(str(tiny_digits_teacher)), rewards=[reward], dmdr=DMDRConfig(reward_weights={reward.name: 1.0}),
-                  dmd=DMDConfig(generator_samples="rollout"), student=StudentConfig(num_steps=3))
+    settings = dict(dmd=DMDConfig(generator_samples="rollout"), student=StudentConfig(num_steps=3))
+    module = {
+        "dmdr": lambda: DMDR(backbone, rewards=[reward], dmdr=DMDRConfig(reward_weights={reward.name: 1.0}), **settings),
+        "gndm": lambda: GNDM(backbone, **settings),
+        "gdmd": lambda: GDMD(backbone, rewards=[reward], gdmd=GDMDConfig(reward_weights={reward.name: 1.0}), **settings),
+    }[method]()
     calls = []
     predict = module.backbone.predict_x0
     monkeypatch.setattr(module.backbone, "predict_x0", lambda net, *a: calls.append(net is module.generator) or predict(net, *a))
-    cond = module.backbone.encode_prompts(["a handwritten digit 1"] * 2)
-    x_in, level = module.generator_input(cond, 2)
-    x0 = module.generator_x0(x_in, level, cond)
+    cond = module.backbone.encode_prompts(["a handwritten digit 1"] * 4)
+    x_in, level = module.generator_input(cond, 4)
+    with module.trainable_role("generator"):
+        x0 = module.generator_x0(x_in, level, cond)
     assert calls == [True, True, True] and x0.requires_grad

@@ -180,9 +180,6 @@ class GDMD(GRPOMixin, DMDR):
         max_generator_updates: stop fit after this many generator updates.
     """
 
-    # B3's GRPO rollouts are one-step inputs: a gradient through the whole rollout is refused.
-    supported_generator_samples = ("backward_simulation", "first_step")
-
     def __init__(
         self,
         backbone: Backbone,
@@ -199,6 +196,12 @@ class GDMD(GRPOMixin, DMDR):
         seed: int = 0,
         max_generator_updates: int | None = None,
     ):
+        # B3's GRPO rollouts hand the generator one step's input: no gradient through a rollout.
+        if dmd.generator_samples == "rollout" and gdmd.mode == "grpo":
+            raise ValueError(
+                "dmd.generator_samples='rollout' trains on the whole rollout's output: not with gdmd.mode='grpo' "
+                "(use mode 'weighted', or generator_samples 'backward_simulation')"
+            )
         # DMDR's hooks (cold start, DynaRS levels, CFG jitter) read their settings from `dmdr`.
         dmdr = DMDRConfig(
             cold_start_updates=gdmd.cold_start_updates,

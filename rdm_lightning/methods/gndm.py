@@ -226,9 +226,6 @@ class GNDM(GRPOMixin, DMDR):
         max_generator_updates: stop fit after this many generator updates.
     """
 
-    # Its GRPO rollouts and IS prefixes are one-step inputs: a gradient through the whole rollout is refused.
-    supported_generator_samples = ("backward_simulation", "first_step")
-
     def __init__(
         self,
         backbone: Backbone,
@@ -247,6 +244,13 @@ class GNDM(GRPOMixin, DMDR):
         seed: int = 0,
         max_generator_updates: int | None = None,
     ):
+        # GRPO rollouts and IS prefixes hand the generator one step's input: no gradient through a rollout.
+        if dmd.generator_samples == "rollout" and (gndm.mode == "grpo" or importance_sampling.enabled):
+            raise ValueError(
+                "dmd.generator_samples='rollout' trains the pathwise DM loss on the whole rollout: not with "
+                f"gndm.mode={gndm.mode!r} or importance_sampling.enabled={importance_sampling.enabled} "
+                "(use mode 'pathwise' without importance sampling, or generator_samples 'backward_simulation')"
+            )
         super().__init__(
             backbone, rewards, gold_rewards, dmdr, dmd, generator_optimizer, fake_score_optimizer, student,
             teacher_sampling, teacher_dtype, seed, max_generator_updates,
