@@ -374,7 +374,7 @@ def test_teacher_pretraining_resumes_bit_for_bit(tmp_path, rdm_cache):
         assert (tmp_path / "stopped" / "teacher" / file).read_bytes() == (tmp_path / "straight" / "teacher" / file).read_bytes()
 
 
-METHOD_CONFIGS = ("dmd", "dmdr", "dmdr_lora", "gndm", "gndm_is", "gndmr", "gdmd", "rtdmd_stage1", "rtdmd_stage2")
+METHOD_CONFIGS = ("dmd", "dmd2", "dmdr", "dmdr_lora", "gndm", "gndm_is", "gndmr", "gdmd", "rtdmd_stage1", "rtdmd_stage2")
 
 
 def tiny_method_config(root: Path, method: str, teacher: Path, budget: int, stage1: Path | None = None) -> Path:
