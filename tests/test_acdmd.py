@@ -102,7 +102,7 @@ def test_gan_head_and_boundaries_without_a_renoise_interval_are_refused(tiny_dig
         ACDMD(backbone, student=StudentConfig(num_steps=2, levels=[1.0, 0.98]))
 
 
-# ---- check 3: the generator gradient ---------------------------------------------------------------
+# ---- the generator gradient ------------------------------------------------------------------------
 @pytest.mark.parametrize("sigma_s", [0.0, 0.25, 0.5, 0.75])
 def test_fake_equal_to_teacher_and_cfg_one_give_zero_gradient_check_3(tiny_digits_teacher, sigma_s):
     module = make_acdmd(tiny_digits_teacher, guidance=1.0)  # the fake score is a fresh copy of the teacher

@@ -1,4 +1,4 @@
-"""DMD under DDP on CPU: 2 processes, gloo (acceptance check 6: k is identical on every rank).
+"""DMD under DDP on CPU: 2 processes, gloo: k is identical on every rank.
 
 The processes are forked (``start_method="fork"``, Lightning's ``ddp_notebook``):
 ``ddp_spawn`` pickles the module through shared memory, which some sandboxes

@@ -204,7 +204,7 @@ def test_gan_head_trains_with_the_fake_score(tiny_digits_teacher, monkeypatch):
 
 
 def test_gan_losses_with_zero_logits(tiny_digits_teacher):
-    """With all logits 0 the module's GAN terms are gan_G = ln 2 and gan_D = 2 ln 2 (acceptance check 4)."""
+    """With all logits 0 the module's GAN terms are gan_G = ln 2 and gan_D = 2 ln 2."""
     module = make_module(tiny_digits_teacher, gan=1e-2)
     final = module.discriminator_head.net[-1]
     nn.init.zeros_(final.weight)

@@ -12,8 +12,8 @@ from rdm_lightning.backbones.mixture import (
     GaussianMixture,
     MixtureBackbone,
     MixtureDataModule,
+    MixtureLayout,
     mixture_posterior_mean,
-    ring_layout,
 )
 from rdm_lightning.core.sampling import few_step_sample
 from rdm_lightning.evaluation.mixture import (
@@ -32,7 +32,7 @@ from rdm_lightning.methods.optim import OptimizerConfig
 
 def test_posterior_mean_equals_monte_carlo_on_a_tiny_mixture():
     # Self-normalised importance sampling of x0 from the prior, weighted by p(x_t | x0).
-    mixture = ring_layout(2, 2, separation=1.5, mode_std=0.4, seed=3)
+    mixture = MixtureLayout(2, 2, separation=1.5, mode_std=0.4, seed=3).mixture()
     x_t = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.9]], dtype=torch.float64)
     classes = torch.tensor([0, 1, UNCONDITIONAL])
     alpha, sigma = torch.full((3, 1), 0.6, dtype=torch.float64), torch.full((3, 1), 0.4, dtype=torch.float64)
@@ -46,7 +46,7 @@ def test_posterior_mean_equals_monte_carlo_on_a_tiny_mixture():
 
 
 def test_fresh_denoiser_is_the_exact_predictor_and_trainable():
-    backbone = MixtureBackbone(num_classes=2, modes_per_class=2)
+    backbone = MixtureBackbone(MixtureLayout(num_classes=2, modes_per_class=2))
     network = backbone.load_denoiser()
     assert any(p.requires_grad for p in network.parameters())
     x_t = torch.randn(5, 2)
@@ -81,11 +81,11 @@ def test_teacher_ode_sampler_reaches_the_data_nll():
 
 def test_bad_layout_and_prompts_are_named():
     with pytest.raises(ValueError, match="modes_per_class"):
-        MixtureBackbone(modes_per_class=0)
+        MixtureLayout(modes_per_class=0)
     with pytest.raises(ValueError, match="mode_std"):
-        MixtureBackbone(mode_std=-1.0)
+        MixtureLayout(mode_std=-1.0)
     with pytest.raises(ValueError, match="'class 4'"):
-        MixtureBackbone(num_classes=4).encode_prompts(["class 4"])
+        MixtureBackbone(MixtureLayout(num_classes=4)).encode_prompts(["class 4"])
     with pytest.raises(ValueError, match="group_size"):
         MixtureDataModule(batch_size=10, group_size=4)
 
@@ -109,7 +109,7 @@ def test_sliced_w1_closed_forms():
 
 
 def test_coverage_of_half_the_modes_and_share_near_modes():
-    mixture = ring_layout(2, 2, separation=3.0, mode_std=0.1, seed=0)
+    mixture = MixtureLayout(2, 2, separation=3.0, mode_std=0.1, seed=0).mixture()
     first_modes = torch.tensor([int((mixture.mode_class == c).nonzero()[0]) for c in range(2)])
     classes = torch.arange(200) % 2
     samples = mixture.means[first_modes[classes]] + 0.1 * torch.randn(200, 2, dtype=torch.float64)

@@ -99,7 +99,7 @@ def test_default_critic_is_the_full_copy(tiny_digits_teacher):
     assert all(p.requires_grad for p in module.fake_score.parameters())
 
 
-# ---- check 3: initialisation --------------------------------------------------------------------
+# ---- initialisation -----------------------------------------------------------------------------
 def test_lora_is_gaussian_a_zero_b_at_the_fake_scale(tiny_digits_teacher):
     module = make_lora_dmdr(tiny_digits_teacher)
     layers = lora_layers(module.fake_score)
@@ -164,7 +164,7 @@ def test_only_lora_parameters_train_in_the_critic_check_3(tiny_digits_teacher):
     assert not any(p.requires_grad for p in module.teacher.parameters())
 
 
-# ---- check 1: DynaDG ----------------------------------------------------------------------------
+# ---- DynaDG -------------------------------------------------------------------------------------
 def test_dynadg_scale_and_scale_zero_is_the_adapter_free_teacher_check_1(tiny_digits_teacher):
     module = make_lora_dmdr(tiny_digits_teacher)
     perturb_lora(module)  # a trained LoRA: at s_r > 0 the real score is no longer the teacher

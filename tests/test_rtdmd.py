@@ -183,7 +183,7 @@ def test_eps_vp_backbone_is_refused(tmp_path):
         RTDMD(DigitsBackbone(path=str(folder)), rewards=rewards())
 
 
-# ---- check 4: SubGRPO steps and shared noise ---------------------------------------------------------
+# ---- SubGRPO steps and shared noise ------------------------------------------------------------------
 def step_noise_used(rollout, j: int) -> torch.Tensor:
     """ξ_j recovered from the recorded transition: (x_{j+1} − μ_j)/ς_j."""
     t = rollout.trajectory
@@ -225,7 +225,7 @@ def test_subgrpo_steps_and_shared_noise_agree_across_ranks_check_4(tiny_digits_t
     assert all(not torch.equal(z, rollouts[0].step_noise.get(j, z + 1)) for j, z in other.step_noise.items())
 
 
-# ---- check 5: log-probs -------------------------------------------------------------------------------
+# ---- log-probs ----------------------------------------------------------------------------------------
 def test_recomputed_log_probs_give_ratio_one_and_final_step_zero_check_5(tiny_digits_teacher, stage1_checkpoint):
     module = make_rtdmd(tiny_digits_teacher, stage1_checkpoint)
     cond = module.backbone.encode_prompts(PROMPTS)
@@ -271,7 +271,7 @@ def test_generator_loss_is_ppo_sum_plus_weighted_auxiliaries(tiny_digits_teacher
     torch.testing.assert_close(loss.detach(), logs["train/loss_ppo"])
 
 
-# ---- check 6: advantages ------------------------------------------------------------------------------
+# ---- advantages ---------------------------------------------------------------------------------------
 def test_advantages_are_normalised_masked_and_clipped_check_6():
     gen = torch.Generator().manual_seed(0)
     scores = {"a": torch.randn(64, generator=gen), "b": torch.rand(64, generator=gen)}

@@ -241,7 +241,7 @@ def test_log_prob_name_errors_list_accepted():
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampler: recording, reproducibility, recompute (acceptance check 4)
+# Sampler: recording, reproducibility, recompute
 # ----------------------------------------------------------------------------------------------
 
 RULE_CASES = [

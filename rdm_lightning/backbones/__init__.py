@@ -1,11 +1,11 @@
 """Model-family adapters behind the :class:`~rdm_lightning.backbones.base.Backbone` interface."""
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.backbones.digits import DigitsBackbone
-from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule
+from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule, MixtureLayout
 from rdm_lightning.backbones.sd3 import SD3Backbone
 from rdm_lightning.backbones.stable_diffusion import StableDiffusionBackbone
 
 __all__ = [
-    "Backbone", "Conditioning", "DigitsBackbone", "MixtureBackbone", "MixtureDataModule", "SD3Backbone",
+    "Backbone", "Conditioning", "DigitsBackbone", "MixtureBackbone", "MixtureDataModule", "MixtureLayout", "SD3Backbone",
     "StableDiffusionBackbone",
 ]

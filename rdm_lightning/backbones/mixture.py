@@ -62,23 +62,43 @@ class GaussianMixture:
         return mixture_log_prob(x, self.means, self.std, self.weights(classes))
 
 
-def ring_layout(num_classes: int, modes_per_class: int, separation: float, mode_std: float, seed: int) -> GaussianMixture:
-    """The ``num_classes·modes_per_class`` means evenly on a ring, ``separation`` apart; the seed
-    deals them to classes at random, so a class's modes are generally far apart."""
-    for name, value in (("num_classes", num_classes), ("modes_per_class", modes_per_class)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for name, value in (("separation", separation), ("mode_std", mode_std)):
-        if not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    num_modes = num_classes * modes_per_class
-    radius = separation / (2 * math.sin(math.pi / num_modes)) if num_modes > 1 else 0.0
-    angles = 2 * math.pi * torch.arange(num_modes, dtype=torch.float64) / num_modes
-    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-    order = torch.randperm(num_modes, generator=torch.Generator().manual_seed(seed))
-    mode_class = torch.empty(num_modes, dtype=torch.long)
-    mode_class[order] = torch.arange(num_modes) // modes_per_class
-    return GaussianMixture(means, mode_class, float(mode_std), num_classes)
+@dataclass(frozen=True)
+class MixtureLayout:
+    """Layout of the ring mixture: the ``num_classes·modes_per_class`` means evenly on a ring,
+    ``separation`` apart; the seed deals them to classes at random, so a class's modes are
+    generally far apart."""
+
+    num_classes: int = 4
+    """Number of classes ``C``."""
+    modes_per_class: int = 2
+    """Modes ``M`` of each class."""
+    separation: float = 2.0
+    """Distance between neighbouring modes on the ring."""
+    mode_std: float = 0.2
+    """Standard deviation of every mode, per coordinate."""
+    seed: int = 0
+    """Seed of which modes each class owns."""
+
+    def __post_init__(self):
+        for name in ("num_classes", "modes_per_class"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("separation", "mode_std"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    def mixture(self) -> GaussianMixture:
+        """The :class:`GaussianMixture` of this layout."""
+        num_modes = self.num_classes * self.modes_per_class
+        radius = self.separation / (2 * math.sin(math.pi / num_modes)) if num_modes > 1 else 0.0
+        angles = 2 * math.pi * torch.arange(num_modes, dtype=torch.float64) / num_modes
+        means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+        order = torch.randperm(num_modes, generator=torch.Generator().manual_seed(self.seed))
+        mode_class = torch.empty(num_modes, dtype=torch.long)
+        mode_class[order] = torch.arange(num_modes) // self.modes_per_class
+        return GaussianMixture(means, mode_class, float(self.mode_std), self.num_classes)
 
 
 def component_log_densities(x: Tensor, means: Tensor, variance: Tensor | float) -> Tensor:
@@ -156,29 +176,17 @@ class MixtureBackbone(Backbone):
     """The Gaussian-mixture domain behind the :class:`Backbone` interface, with its exact teacher.
 
     Args:
-        num_classes: number of classes ``C``.
-        modes_per_class: modes ``M`` of each class.
-        separation: distance between neighbouring modes on the ring.
-        mode_std: standard deviation of every mode.
-        layout_seed: seed of which modes each class owns.
+        layout: the mixture's classes, modes and their placement on the ring.
         hidden: width of the denoiser's residual MLP.
     """
 
     prediction = Prediction.FLOW_VELOCITY
 
-    def __init__(
-        self,
-        num_classes: int = 4,
-        modes_per_class: int = 2,
-        separation: float = 2.0,
-        mode_std: float = 0.2,
-        layout_seed: int = 0,
-        hidden: int = 128,
-    ):
+    def __init__(self, layout: MixtureLayout = MixtureLayout(), hidden: int = 128):
         super().__init__()
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
-        self.mixture = ring_layout(num_classes, modes_per_class, separation, mode_std, layout_seed)
+        self.mixture = layout.mixture()
         self.hidden = hidden
         self.schedule = FlowSchedule(shift=1.0)
         self.register_buffer("device_anchor", torch.zeros(()), persistent=False)
@@ -235,31 +243,24 @@ class MixtureSamples(IterableDataset):
 
 
 class MixtureDataModule(L.LightningDataModule):
-    """Training batches of the mixture domain (same layout arguments as :class:`MixtureBackbone`).
+    """Training batches of the mixture domain.
 
     Args:
+        layout: the mixture's layout; the same as the :class:`MixtureBackbone`'s.
         batch_size: prompts (and true samples) per batch.
         seed: seed of the batches' classes and samples.
         group_size: K, each class of a batch repeated K times in a row; must divide ``batch_size``.
     """
 
     def __init__(
-        self,
-        num_classes: int = 4,
-        modes_per_class: int = 2,
-        separation: float = 2.0,
-        mode_std: float = 0.2,
-        layout_seed: int = 0,
-        batch_size: int = 256,
-        seed: int = 0,
-        group_size: int = 1,
+        self, layout: MixtureLayout = MixtureLayout(), batch_size: int = 256, seed: int = 0, group_size: int = 1
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not isinstance(group_size, int) or group_size < 1 or batch_size % group_size:
             raise ValueError(f"group_size must be an integer >= 1 dividing batch_size={batch_size}, got {group_size!r}")
-        self.mixture = ring_layout(num_classes, modes_per_class, separation, mode_std, layout_seed)
+        self.mixture = layout.mixture()
         self.batch_size = batch_size
         self.seed = seed
         self.group_size = group_size

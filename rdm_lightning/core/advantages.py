@@ -198,7 +198,7 @@ def reward_guided_direction(
 
     Terms with ``λ_m = 0`` are skipped rather than multiplied, so that during the
     cold start h is ``g`` itself, bit for bit, even if a reward gradient is not
-    finite (acceptance check 4).
+    finite.
 
     Args:
         dm_direction: g, ``[B, ...]``.

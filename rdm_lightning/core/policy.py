@@ -2,7 +2,7 @@
 
 A trajectory's advantage is shared by every trained step; the loss on step ``j`` is PPO's
 clipped surrogate of ``ρ = exp(log π_θ − log π_old)`` for ``x_{j+1} | x_j``, averaged over
-the trained steps. Samples whose advantage is exactly 0 are dropped (acceptance check 5):
+the trained steps. Samples whose advantage is exactly 0 are dropped:
 they carry no signal and would only dilute the mean.
 """
 from __future__ import annotations

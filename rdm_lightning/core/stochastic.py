@@ -269,7 +269,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: Reduce 
 
         log π = mean_dims[ −(x′ − μ)²/(2ς²) − log ς − ½·log 2π ]     (``reduce="sum"``: sum_dims)
 
-    Where ς = 0 the step has no density; it gets log π = 0 there (acceptance check 4),
+    Where ς = 0 the step has no density; it gets log π = 0 there,
     with finite gradients. Returns shape ``(B,)``.
     """
     if reduce not in REDUCTIONS:
@@ -481,7 +481,7 @@ def step_log_prob(denoise_velocity: VelocityFn, trajectory: Trajectory, step_ind
 
     With an unchanged ``denoise_velocity`` this equals the recorded log-prob bit for bit,
     so the PPO ratio is exactly 1. Untrainable steps (deterministic, or ς = 0 as CPS into
-    σ = 0) have no density: they return 0 without a forward pass (acceptance check 4).
+    σ = 0) have no density: they return 0 without a forward pass.
     """
     if not 0 <= step_index < trajectory.num_steps:
         raise ValueError(f"step_index {step_index} outside [0, {trajectory.num_steps - 1}]")
