@@ -1,8 +1,9 @@
 """DMD / DMD2 (``docs/methods/dmd.md``): distribution matching with a fake score, TTUR, GAN head, backward simulation.
 
 One iteration:
-1. Backward simulation: draw the trained step ``k`` (same on every rank), run
-   ``k`` generator steps without grad, re-noise to ``levels[k]``.
+1. The generator's x̂0 (``dmd.generator_samples``): backward simulation draws the trained step
+   ``k`` (same on every rank), runs ``k`` generator steps without grad and re-noises to
+   ``levels[k]``; ``rollout`` runs every step from pure noise, with grad on a generator update.
 2. Every ``generator_update_ratio``-th iteration the generator updates on
    ``L_DM (+ w_G·gan_G)``; otherwise it only produces the critic's batch.
 3. The fake score updates every iteration on the detached batch:
