@@ -80,7 +80,7 @@ from rdm_lightning.core.rtdmd import (
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
-from rdm_lightning.methods.dmd import DMD, DMDConfig
+from rdm_lightning.methods.dmd import DMD, DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 from rdm_lightning.methods.lora import add_lora, lora_parameters
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -191,9 +191,6 @@ class ACDMD(DMD):
         max_generator_updates: stop fit after this many generator updates.
     """
 
-    supported_generator_samples = ("backward_simulation", "first_step")
-    supports_critic_on_final_step = False
-
     def __init__(
         self,
         backbone: Backbone,
@@ -212,6 +209,12 @@ class ACDMD(DMD):
         if dmd.use_gan:
             raise ValueError(
                 f"AC-DMD has no GAN head: set dmd.gan_generator_weight=0 (got {dmd.gan_generator_weight})"
+            )
+        # Its DM loss is at a CPS boundary sample, and its critic fits those samples.
+        require_generator_samples(type(self).__name__, dmd, ("backward_simulation", "first_step"))
+        if dmd.critic_on_final_step:
+            raise ValueError(
+                f"{type(self).__name__} has its own critic batch: dmd.critic_on_final_step=true is not supported"
             )
         super().__init__(
             backbone, dmd, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,

@@ -33,6 +33,13 @@ GENERATOR_SAMPLES = ("backward_simulation", "first_step", "rollout")
 """Accepted ``DMDConfig.generator_samples``."""
 
 
+def require_generator_samples(method: str, dmd: DMDConfig, accepted: tuple[str, ...]) -> None:
+    """Refuse a ``dmd.generator_samples`` that ``method``'s training step does not honour (checked
+    in the method's ``__init__``, before its networks load)."""
+    if dmd.generator_samples not in accepted:
+        raise ValueError(f"{method} trains with dmd.generator_samples in {accepted}, got {dmd.generator_samples!r}")
+
+
 @dataclass
 class DMDConfig:
     """DMD2 loss settings (defaults: the SD1.5 recipe)."""
@@ -140,11 +147,6 @@ class DMD(DistillationModule):
         max_generator_updates: stop fit after this many generator updates.
     """
 
-    supported_generator_samples: tuple[str, ...] = GENERATOR_SAMPLES
-    """The ``dmd.generator_samples`` a method trains with; others are refused at construction."""
-    supports_critic_on_final_step: bool = True
-    """Whether the method's critic batch can be replaced by ``dmd.critic_on_final_step``'s rollout."""
-
     def __init__(
         self,
         backbone: Backbone,
@@ -161,22 +163,10 @@ class DMD(DistillationModule):
             backbone, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
             max_generator_updates,
         )
-        self.check_dmd_support(dmd)
         self.dmd = dmd
         if dmd.use_gan:
             channels, height, _ = backbone.feature_shape
             self.discriminator_head = DiscriminatorHead(channels, height)
-
-    def check_dmd_support(self, dmd: DMDConfig) -> None:
-        """Refuse DMD settings this method's training step would not honour."""
-        name = type(self).__name__
-        if dmd.generator_samples not in self.supported_generator_samples:
-            raise ValueError(
-                f"{name} trains with dmd.generator_samples in {self.supported_generator_samples}, "
-                f"got {dmd.generator_samples!r}"
-            )
-        if dmd.critic_on_final_step and not self.supports_critic_on_final_step:
-            raise ValueError(f"{name} has its own critic batch: dmd.critic_on_final_step=true is not supported")
 
     # ---- losses ---------------------------------------------------------------------------
     def dm_levels(self, n: int) -> Tensor:

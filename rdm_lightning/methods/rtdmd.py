@@ -94,7 +94,7 @@ from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import SIGMA_S_KEY, ACDMD, ACDMDConfig
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
-from rdm_lightning.methods.dmd import DMDConfig
+from rdm_lightning.methods.dmd import DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity
 from rdm_lightning.methods.lora import add_lora, has_lora_entries, load_base_weights, lora_parameters, merge_lora
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -216,8 +216,6 @@ class RTDMD(RewardedMethod, ACDMD):
         max_generator_updates: stop fit after this many generator updates (= RL iterations).
     """
 
-    supported_generator_samples = ("backward_simulation",)
-
     def __init__(
         self,
         backbone: Backbone,
@@ -235,6 +233,8 @@ class RTDMD(RewardedMethod, ACDMD):
         seed: int = 0,
         max_generator_updates: int | None = None,
     ):
+        # Stage 2 draws its own rollouts; only the default is honoured.
+        require_generator_samples(type(self).__name__, dmd, ("backward_simulation",))
         super().__init__(
             backbone, acdmd, dmd, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype,
             seed, max_generator_updates,
