@@ -28,6 +28,9 @@ Variants (issue 11 part 2), one change against the settings above:
   and the fake score both on the final step's x̂0 only); benchmark-only.
 - ``--per-step-critic``: one fake score per student step, each fit to (and compared with) only
   its own step's x̂0, so no critic sees the mixture of steps; benchmark-only.
+- ``--oracle-fake-score``: the DM gradient's fake x̂0 is the exact posterior mean under a bank of
+  fresh generator samples of the class (the empirical generator distribution), not the trained
+  fake score: what the student reaches when the critic never lags; benchmark-only.
 - ``--per-step``: score the x̂0 of every step k of the teacher's few-step sampler (the student
   at initialisation), i.e. what the fake score is fit to under backward simulation.
 """
@@ -45,6 +48,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from rdm_lightning.backbones.base import Conditioning
 from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule
 from rdm_lightning.callbacks.ema import GeneratorEMA
 from rdm_lightning.core.sampling import few_step_sample
@@ -86,6 +90,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 def make_module(
     method: str, backbone: MixtureBackbone, steps: int, lr: float, seed: int, updates: int,
     overrides: dict[str, dict] | None = None, train_step: int | None = None, per_step_critic: bool = False,
+    oracle_fake_score: bool = False,
 ) -> DMD:
     """The method's module with the issue's DMD settings: TTUR 5, CFG 1, backward simulation,
     then ``overrides`` (``parse_overrides``) applied field by field."""
@@ -111,6 +116,8 @@ def make_module(
         raise ValueError(f"--per-step-critic is a DMD variant, got method {method!r}")
     if per_step_critic:
         cls = type(f"{cls.__name__}PerStepCritic", (PerStepCritic, cls), {})
+    if oracle_fake_score:
+        cls = type(f"{cls.__name__}OracleFakeScore", (OracleFakeScore, cls), {})
     return cls(backbone, **configs, seed=seed, max_generator_updates=updates)
 
 
@@ -149,6 +156,27 @@ class PerStepCritic:
         step = super().shared_randint(high)
         self.fake_score.active = step
         return step
+
+
+class OracleFakeScore:
+    """Mixin: the DM gradient's fake x̂0 is ``E[x0 | x_σ]`` under ``bank_size`` fresh generator
+    samples of each class, drawn once per generator update, instead of the trained fake score."""
+
+    bank_size = 2048
+
+    def fake_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        mixture = self.backbone.mixture
+        classes = mixture.mode_class.to(x_t.device)[cond.tensors["weights"].argmax(dim=1)]
+        sigma = level.double().to(x_t.device)[:, None]
+        alpha = 1.0 - sigma
+        x0 = torch.empty_like(x_t)
+        for c in classes.unique().tolist():
+            rows = classes == c
+            bank = self.generate([f"class {c}"] * self.bank_size).double()
+            squared = ((x_t[rows].double()[:, None, :] - alpha[rows, None] * bank[None]) ** 2).sum(-1)
+            weights = torch.softmax(-0.5 * squared / sigma[rows] ** 2, dim=1)
+            x0[rows] = (weights @ bank).to(x_t.dtype)
+        return x0
 
 
 def train(module: DMD, group_size: int, seed: int, ema: float | None = None) -> float:
@@ -217,6 +245,8 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=None, help="also score the generator's EMA at this decay")
     parser.add_argument("--train-step", type=int, default=None, help="always train backward-simulation step K")
     parser.add_argument("--per-step-critic", action="store_true", help="one fake score per student step")
+    parser.add_argument("--oracle-fake-score", action="store_true",
+                        help="the DM gradient's fake x̂0 from fresh generator samples, not the fake score")
     parser.add_argument("--hidden", type=int, default=128, help="width of the denoiser's residual MLP (every role)")
     parser.add_argument("--per-step", action="store_true", help="score each step's x̂0 of the teacher sampler")
     parser.add_argument("--no-reference", action="store_true", help="skip the real-data and 200-step rows")
@@ -247,6 +277,7 @@ def main() -> None:
     variant = " ".join(args.set + ([f"ema {args.ema:g}"] if args.ema is not None else [])
                        + ([f"train step {args.train_step}"] if args.train_step is not None else [])
                        + (["per-step critic"] if args.per_step_critic else [])
+                       + (["oracle fake score"] if args.oracle_fake_score else [])
                        + ([f"hidden {args.hidden}"] if args.hidden != 128 else []))
     for steps in args.steps:
         rows[f"teacher {steps}-step {rule} (student init)"] = [
@@ -261,7 +292,7 @@ def main() -> None:
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 module = make_module(method, backbone, steps, args.lr, seed, args.updates, overrides, args.train_step,
-                                     args.per_step_critic)
+                                     args.per_step_critic, args.oracle_fake_score)
                 minutes = train(module, group_size, seed, args.ema)
                 levels = module.student_levels()
                 runs.append(scores(sample(backbone, module.generator, prompts, levels, module.student.step_rule)))

@@ -1,7 +1,9 @@
 """The exact-teacher domain: the closed-form posterior mean, its metrics, and DMD through it."""
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -242,3 +244,37 @@ def test_fast_exact_teacher_benchmark_four_step_student(one_thread):
     assert scores["final-step critic"] < teacher + 0.03
     assert scores["rollout"] < teacher + 0.03
     assert scores["default"] > teacher + 0.1
+
+
+def _exact_teacher_benchmark():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "exact_teacher.py"
+    spec = importlib.util.spec_from_file_location("exact_teacher_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_fake_score_is_the_posterior_mean_of_the_generator_samples(monkeypatch):
+    """The benchmark's ``--oracle-fake-score``: with a generator whose samples are true data, the
+    fake x̂0 (a posterior mean over a bank of generator samples) is the exact teacher's, within
+    Monte Carlo error, and each sample is scored against its own class's bank."""
+    benchmark = _exact_teacher_benchmark()
+    backbone = MixtureBackbone()
+    module = benchmark.make_module("dmd", backbone, 1, 1e-3, 0, 1, oracle_fake_score=True)
+    monkeypatch.setattr(type(module), "bank_size", 100_000)
+    generator = torch.Generator().manual_seed(0)
+
+    def true_samples(prompts, noise=None, role="generator", generator=generator):
+        return backbone.mixture.sample(backbone.classes(prompts), generator).float()
+
+    monkeypatch.setattr(module, "generate", true_samples)
+    prompts = ["class 0", "class 3", "class 1", "class 0", "class 2"]
+    cond = backbone.encode_prompts(prompts)
+    level = torch.tensor([0.3, 0.5, 0.7, 0.9, 0.5])
+    x_t = torch.randn(5, 2, generator=generator)
+    oracle = module.fake_x0(x_t, level, cond)
+    exact = backbone.predict_x0(module.teacher, x_t, level, cond)
+    torch.testing.assert_close(oracle, exact, atol=2e-2, rtol=0)
+    # Against another class's bank the estimate is far off: the bank follows each sample's class.
+    wrong = module.fake_x0(x_t, level, backbone.encode_prompts(["class 1"] * 5))
+    assert (wrong - exact).norm(dim=1).max() > 0.2
