@@ -79,7 +79,7 @@ from rdm_lightning.core.rtdmd import (
     sample_renoise_sigma,
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite, eval_mode
 from rdm_lightning.methods.dmd import DMD, DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 from rdm_lightning.methods.lora import add_lora, lora_parameters
@@ -438,7 +438,8 @@ class ACDMD(DMD):
         cond = self.backbone.encode_prompts(list(prompts))
         if noise is None:
             noise = self.randn((len(prompts), *self.backbone.latent_shape))
-        return stochastic_sample(
-            flow_velocity(self.backbone, self.sampling_generator, cond), noise, self.student_levels(), "cps",
-            {"eta": self.acdmd.eta}, generator=generator, return_trajectory=False,
-        )
+        with eval_mode(self.sampling_generator) as network:
+            return stochastic_sample(
+                flow_velocity(self.backbone, network, cond), noise, self.student_levels(), "cps",
+                {"eta": self.acdmd.eta}, generator=generator, return_trajectory=False,
+            )

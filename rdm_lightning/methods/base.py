@@ -31,6 +31,18 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 """Largest finite float32: :meth:`Backbone.predict_x0` combines the CFG branches in float32."""
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; every submodule's own mode is restored on exit."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
 def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
     """The config check of a named option: a ValueError naming the value and what is accepted."""
     if value not in accepted:
@@ -152,7 +164,21 @@ class DistillationModule(L.LightningModule):
         """Generator optimizer steps so far (Lightning's ``global_step`` counts every role's)."""
         return self.role_updates["generator"]
 
+    def train(self, mode: bool = True) -> "DistillationModule":
+        """The trainable roles' modules (:meth:`role_modules`) follow ``mode``; the teacher, the
+        backbone (VAE, text encoders), the generator's EMA and the rewards always stay in eval mode,
+        so their dropout (and any other train-only behaviour) never acts (CONTRIBUTING.md, "Writing a new method")."""
+        super().train(False)
+        self.training = mode
+        for modules in self.role_modules().values():
+            for module in modules:
+                module.train(mode)
+        return self
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # Before Lightning's model summary; networks loaded by from_pretrained arrive in eval mode.
+            self.train()
         strategy = self.trainer.strategy
         # Each backward reaches one role only; DDP must expect the other role's parameters to be unused.
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
@@ -430,11 +456,11 @@ class DistillationModule(L.LightningModule):
         if noise is None:
             noise = self.randn((len(prompts), *self.backbone.latent_shape))
         if role == "generator":
-            network = self.sampling_generator
-            return few_step_sample(
-                lambda x, t: self.backbone.predict_x0(network, x, t, cond),
-                noise, self.student_levels(), self.backbone.schedule, self.student.step_rule, generator,
-            )
+            with eval_mode(self.sampling_generator) as network:
+                return few_step_sample(
+                    lambda x, t: self.backbone.predict_x0(network, x, t, cond),
+                    noise, self.student_levels(), self.backbone.schedule, self.student.step_rule, generator,
+                )
         if role == "teacher":
             uncond = self.backbone.empty_conditioning(len(prompts))
             config = self.teacher_sampling
