@@ -1,6 +1,7 @@
 """Digits benchmark of every method: quality, optimized rewards and the gold reward, mean ± std over seeds.
 
-    python benchmarks/methods.py [--methods dmd dmd2 dmdr gndm gndmr gdmd rtdmd_stage1 rtdmd_stage2] [--seeds 0 1 2]
+    python benchmarks/methods.py [--methods dmd dmd2 dmdr dmdr_lora gndm gndm_is gndmr gdmd rtdmd_stage1 rtdmd_stage2]
+                                 [--seeds 0 1 2]
                                  [--updates 400] [--set KEY=VALUE ... --tag NAME]
 
 Each run is `rdm fit --config configs/digits/<method>.yaml` with the seed and the
@@ -34,7 +35,7 @@ from rdm_lightning.cli import RDMLightningCLI
 from rdm_lightning.evaluation.digits import DigitsEvaluator
 from rdm_lightning.rewards import DigitsClassifierReward, DigitsGoldReward, StrokeContrastReward
 
-METHODS = ("dmd", "dmd2", "dmdr", "gndm", "gndmr", "gdmd", "rtdmd_stage1", "rtdmd_stage2")
+METHODS = ("dmd", "dmd2", "dmdr", "dmdr_lora", "gndm", "gndm_is", "gndmr", "gdmd", "rtdmd_stage1", "rtdmd_stage2")
 SUBSTRATE = "dmd2"
 """The DMD config the reward methods' digits configs are built on (DMD2's backward simulation, CFG 1.5):
 their targets compare with it. ``dmd`` is the library's DMD recipe (the DM loss on the whole rollout)."""
@@ -177,20 +178,27 @@ def main() -> None:
     checks = {}
     # Each distance target is checked in both distances: digits-FD (classifier features) and pixel FD.
     distances = {"digits_fd": "digits-FD", "pixel_fd": "pixel FD"}
-    if SUBSTRATE in mean and "gndm" in mean:
-        for key, label in distances.items():
-            checks[f"GNDM {label} <= DMD2's"] = mean["gndm"][key] <= mean[SUBSTRATE][key]
-    for method in ("dmdr", "gndmr", "gdmd"):
+    for method in ("gndm", "gndm_is"):
+        if SUBSTRATE in mean and method in mean:
+            for key, label in distances.items():
+                checks[f"{method}: {label} <= DMD2's"] = mean[method][key] <= mean[SUBSTRATE][key]
+    for method in ("dmdr", "dmdr_lora", "gndmr", "gdmd"):
         if method in mean and SUBSTRATE in mean:
             m, d, t = mean[method], mean[SUBSTRATE], mean["teacher"]
             checks[f"{method}: digit log-prob above teacher and DMD2"] = m["digit_logprob"] > max(t["digit_logprob"], d["digit_logprob"])
             checks[f"{method}: prompt accuracy >= DMD2"] = m["prompt_accuracy"] >= d["prompt_accuracy"]
             for key, label in distances.items():
                 checks[f"{method}: {label} <= 1.5x DMD2"] = m[key] <= 1.5 * d[key]
-    for baseline, name in (("dmd", "DMD"), (SUBSTRATE, "DMD2")):
-        if "rtdmd_stage1" in mean and baseline in mean:
-            for key, label in distances.items():
-                checks[f"AC-DMD (RTDMD stage 1) {label} <= {name}'s"] = mean["rtdmd_stage1"][key] <= mean[baseline][key]
+    # AC-DMD's target is against DMD2, the recipe it shares its settings with (backward simulation,
+    # CFG 1.5); the library's DMD recipe (the DM loss on the whole rollout) is shown beside it.
+    notes = []
+    if "rtdmd_stage1" in mean and SUBSTRATE in mean:
+        for key, label in distances.items():
+            checks[f"AC-DMD (RTDMD stage 1) {label} <= DMD2's"] = mean["rtdmd_stage1"][key] <= mean[SUBSTRATE][key]
+    if "rtdmd_stage1" in mean and "dmd" in mean:
+        for key, label in distances.items():
+            notes.append(f"- AC-DMD (RTDMD stage 1) {label} {mean['rtdmd_stage1'][key]:.4g} against DMD's "
+                         f"{mean['dmd'][key]:.4g} (the rollout recipe, which AC-DMD does not support; not a target)")
     if "rtdmd_stage2" in mean and "rtdmd_stage1" in mean:
         two, one, t = mean["rtdmd_stage2"], mean["rtdmd_stage1"], mean["teacher"]
         for reward in ("digit_logprob", "stroke_contrast"):
@@ -203,7 +211,7 @@ def main() -> None:
         if name != "teacher":
             cells = [f"{m:.4g} ± {s:.2g}" for m, s in (summary(runs, k) for k in cost_keys)]
             costs.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines + costs + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()])
+    table = "\n".join(lines + costs + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()] + notes)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(table + "\n")
     (args.output / "results.json").write_text(json.dumps(results, indent=2))
