@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,7 @@ from rdm_lightning.core.rtdmd import (
     sample_renoise_sigma,
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite, eval_mode
+from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 from rdm_lightning.methods.lora import add_lora, lora_parameters
@@ -423,23 +423,12 @@ class ACDMD(DMD):
         return {**batch, SIGMA_S_KEY: rollout.sigma_s, "acdmd_critic_step": rollout.step}, cond, x_s
 
     # ---- sampling -------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        noise: Tensor | None = None,
-        role: str = "generator",
-        generator: torch.Generator | None = None,
+    def student_sample(
+        self, network: nn.Module, cond: Conditioning, noise: Tensor, generator: torch.Generator | None
     ) -> Tensor:
-        """The (EMA) generator's CPS(η) sampler (``docs/methods/rtdmd.md``: inference is stochastic; the last
-        step, into σ = 0, is deterministic and returns x̂0); ``role="teacher"`` as in the base class."""
-        if role != "generator":
-            return super().generate(prompts, noise, role, generator)
-        cond = self.backbone.encode_prompts(list(prompts))
-        if noise is None:
-            noise = self.randn((len(prompts), *self.backbone.latent_shape))
-        with eval_mode(self.sampling_generator) as network:
-            return stochastic_sample(
-                flow_velocity(self.backbone, network, cond), noise, self.student_levels(), "cps",
-                {"eta": self.acdmd.eta}, generator=generator, return_trajectory=False,
-            )
+        """The generator's CPS(η) sampler (``docs/methods/rtdmd.md``: inference is stochastic; the last
+        step, into σ = 0, is deterministic and returns x̂0)."""
+        return stochastic_sample(
+            flow_velocity(self.backbone, network, cond), noise, self.student_levels(), "cps",
+            {"eta": self.acdmd.eta}, generator=generator, return_trajectory=False,
+        )

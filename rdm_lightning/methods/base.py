@@ -457,10 +457,7 @@ class DistillationModule(L.LightningModule):
             noise = self.randn((len(prompts), *self.backbone.latent_shape))
         if role == "generator":
             with eval_mode(self.sampling_generator) as network:
-                return few_step_sample(
-                    lambda x, t: self.backbone.predict_x0(network, x, t, cond),
-                    noise, self.student_levels(), self.backbone.schedule, self.student.step_rule, generator,
-                )
+                return self.student_sample(network, cond, noise, generator)
         if role == "teacher":
             uncond = self.backbone.empty_conditioning(len(prompts))
             config = self.teacher_sampling
@@ -470,6 +467,16 @@ class DistillationModule(L.LightningModule):
                 generator,
             )
         raise ValueError(f"unknown sampling role {role!r}; accepted: 'generator', 'teacher'")
+
+    def student_sample(
+        self, network: nn.Module, cond: Conditioning, noise: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """The student's few-step sampler with ``network`` from ``noise`` (``generate`` hands it the
+        (EMA) generator in eval mode): ``student.step_rule`` at :meth:`student_levels`."""
+        return few_step_sample(
+            lambda x, t: self.backbone.predict_x0(network, x, t, cond),
+            noise, self.student_levels(), self.backbone.schedule, self.student.step_rule, generator,
+        )
 
     def nfe(self, role: str = "generator") -> int:
         """Network evaluations per image of :meth:`generate` (CFG counts twice)."""
