@@ -251,6 +251,9 @@ def main() -> None:
     parser.add_argument("--per-step", action="store_true", help="score each step's x̂0 of the teacher sampler")
     parser.add_argument("--no-reference", action="store_true", help="skip the real-data and 200-step rows")
     args = parser.parse_args()
+    if args.oracle_fake_score and args.ema is not None:
+        # generate() samples the EMA once there is one: the bank would be the EMA's, not the generator's.
+        parser.error("--oracle-fake-score draws its bank from the generator; it cannot be combined with --ema")
     overrides = parse_overrides(args.set)
     rule = overrides.get("student", {}).get("step_rule", "sde")
     # Batches of a few hundred 2-D points: thread hand-offs cost more than they save.
