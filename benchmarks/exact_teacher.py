@@ -3,7 +3,7 @@
     python benchmarks/exact_teacher.py [--steps 1 4] [--updates 300] [--lr 1e-3] [--seeds 0]
                                        [--methods dmd gndm] [--num-samples 4000]
                                        [--set KEY=VALUE ...] [--ema DECAY] [--train-step K] [--per-step]
-                                       [--hidden WIDTH]
+                                       [--hidden WIDTH] [--depth LAYERS]
 
 The teacher (:class:`~rdm_lightning.backbones.mixture.MixtureBackbone`) is the closed-form
 posterior mean at every level, so every gap below is the method's. Each method trains a
@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--oracle-fake-score", action="store_true",
                         help="the DM gradient's fake x̂0 from fresh generator samples, not the fake score")
     parser.add_argument("--hidden", type=int, default=128, help="width of the denoiser's residual MLP (every role)")
+    parser.add_argument("--depth", type=int, default=2, help="hidden layers of the denoiser's residual MLP (every role)")
     parser.add_argument("--per-step", action="store_true", help="score each step's x̂0 of the teacher sampler")
     parser.add_argument("--no-reference", action="store_true", help="skip the real-data and 200-step rows")
     args = parser.parse_args()
@@ -259,7 +260,7 @@ def main() -> None:
     # Batches of a few hundred 2-D points: thread hand-offs cost more than they save.
     torch.set_num_threads(1)
 
-    backbone = MixtureBackbone(hidden=args.hidden)
+    backbone = MixtureBackbone(hidden=args.hidden, depth=args.depth)
     mixture = backbone.mixture
     classes = torch.arange(args.num_samples) % mixture.num_classes
     prompts = [f"class {c}" for c in classes.tolist()]
@@ -281,7 +282,8 @@ def main() -> None:
                        + ([f"train step {args.train_step}"] if args.train_step is not None else [])
                        + (["per-step critic"] if args.per_step_critic else [])
                        + (["oracle fake score"] if args.oracle_fake_score else [])
-                       + ([f"hidden {args.hidden}"] if args.hidden != 128 else []))
+                       + ([f"hidden {args.hidden}"] if args.hidden != 128 else [])
+                       + ([f"depth {args.depth}"] if args.depth != 2 else []))
     for steps in args.steps:
         rows[f"teacher {steps}-step {rule} (student init)"] = [
             scores(sample(backbone, teacher, prompts, schedule.generator_levels(steps), rule))

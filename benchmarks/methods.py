@@ -9,7 +9,7 @@ same number of generator updates; a method is any config in configs/digits/ but 
 teacher's. A second stage (RTDMD stage 2) starts from its first stage's checkpoint of
 the same seed, for its config's number of RL iterations. Each run's scores are kept in
 <output>/runs/<method>_seed<seed>.json and reused by later calls with the same updates,
-samples, overrides and config file (--rerun trains again), so the table can be built up
+samples, overrides and config settings (comments aside; --rerun trains again), so the table can be built up
 over several calls; --set/--tag run an ablation, kept as <method>_<tag>_seed<seed>. Every
 student (and the teacher's default sampler) is then scored on the same 1,000
 class-balanced samples from fixed noise, in digits-FD and pixel FD (beside the real-data
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from rdm_lightning.callbacks.digits_eval import balanced_digit_prompts
 from rdm_lightning.cli import RDMLightningCLI
@@ -64,12 +65,14 @@ def fit(method: str, seed: int, updates: int | None, output: Path, run_name: str
 
 
 def config_digest(method: str) -> str:
-    """SHA-256 (12 hex digits) of the method's config file and its first stage's: a kept run whose
-    digest differs was trained with another config and is trained again."""
+    """SHA-256 (12 hex digits) of the settings in the method's config file and its first stage's
+    (the parsed YAML, so comments do not count): a kept run whose digest differs was trained with
+    other settings and is trained again."""
     digest = hashlib.sha256()
     for name in (SECOND_STAGES.get(method), method):
         if name is not None:
-            digest.update((CONFIGS / f"{name}.yaml").read_bytes())
+            settings = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+            digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 

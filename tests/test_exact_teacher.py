@@ -60,6 +60,17 @@ def test_fresh_denoiser_is_the_exact_predictor_and_trainable():
     torch.testing.assert_close(x0.double(), exact, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_residual_depth_sets_the_hidden_layers_and_keeps_the_fresh_network_exact(depth):
+    backbone = MixtureBackbone(MixtureLayout(num_classes=2, modes_per_class=2), hidden=16, depth=depth)
+    network = backbone.load_denoiser()
+    linears = [m for m in network.residual if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == depth + 1 and [m.out_features for m in linears] == [16] * depth + [2]
+    x_t, level = torch.randn(4, 2), torch.full((4,), 0.5)
+    weights = torch.zeros(4, 4, dtype=torch.float64).index_fill_(1, torch.tensor([0]), 1.0)
+    torch.testing.assert_close(network(x_t, level, weights), network.exact_velocity(x_t, level, weights).float())
+
+
 def test_teacher_ode_sampler_reaches_the_data_nll():
     backbone = MixtureBackbone()
     mixture = backbone.mixture
@@ -86,6 +97,8 @@ def test_bad_layout_and_prompts_are_named():
         MixtureLayout(modes_per_class=0)
     with pytest.raises(ValueError, match="mode_std"):
         MixtureLayout(mode_std=-1.0)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1, got 0"):
+        MixtureBackbone(depth=0)
     with pytest.raises(ValueError, match="'class 4'"):
         MixtureBackbone(MixtureLayout(num_classes=4)).encode_prompts(["class 4"])
     with pytest.raises(ValueError, match="group_size"):

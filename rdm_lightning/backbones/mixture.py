@@ -138,14 +138,15 @@ class ExactMixtureDenoiser(nn.Module):
     regresses), so its weight in the loss does not blow up as ``1/σ`` at low noise.
     """
 
-    def __init__(self, mixture: GaussianMixture, hidden: int = 128):
+    def __init__(self, mixture: GaussianMixture, hidden: int = 128, depth: int = 2):
         super().__init__()
         self.register_buffer("means", mixture.means.clone())
         self.std = mixture.std
         num_modes = len(mixture.means)
-        self.residual = nn.Sequential(
-            nn.Linear(2 + 1 + num_modes, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2)
-        )
+        layers = [nn.Linear(2 + 1 + num_modes, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.residual = nn.Sequential(*layers, nn.Linear(hidden, 2))
         nn.init.zeros_(self.residual[-1].weight)
         nn.init.zeros_(self.residual[-1].bias)
 
@@ -178,16 +179,19 @@ class MixtureBackbone(Backbone):
     Args:
         layout: the mixture's classes, modes and their placement on the ring.
         hidden: width of the denoiser's residual MLP.
+        depth: number of hidden layers of the residual MLP.
     """
 
     prediction = Prediction.FLOW_VELOCITY
 
-    def __init__(self, layout: MixtureLayout = MixtureLayout(), hidden: int = 128):
+    def __init__(self, layout: MixtureLayout = MixtureLayout(), hidden: int = 128, depth: int = 2):
         super().__init__()
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+        for name, value in (("hidden", hidden), ("depth", depth)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.mixture = layout.mixture()
         self.hidden = hidden
+        self.depth = depth
         self.schedule = FlowSchedule(shift=1.0)
         self.register_buffer("device_anchor", torch.zeros(()), persistent=False)
 
@@ -199,7 +203,7 @@ class MixtureBackbone(Backbone):
         # The residual's hidden layers are seeded so every role starts from the same network.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return ExactMixtureDenoiser(self.mixture, self.hidden).to(self.device_anchor.device)
+            return ExactMixtureDenoiser(self.mixture, self.hidden, self.depth).to(self.device_anchor.device)
 
     def classes(self, prompts: Sequence[str]) -> Tensor:
         """``[N]`` class index of each prompt (:data:`UNCONDITIONAL` for ``""``)."""
