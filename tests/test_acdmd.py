@@ -36,7 +36,6 @@ from rdm_lightning.core.rtdmd import (
 from rdm_lightning.core.stochastic import cps_step
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import ACDMD, ACDMDConfig, DMDConfig, OptimizerConfig, StudentConfig
-from rdm_lightning.methods.acdmd import ROLLOUT_KEY, SIGMA_S_KEY
 from rdm_lightning.methods.grpo import flow_velocity
 
 
@@ -136,10 +135,10 @@ def test_generator_gradient_reaches_only_step_k(tiny_digits_teacher, k):
     fix_step(module, k)
     grad_modes = []
     handle = module.generator.register_forward_hook(lambda m, args, out: grad_modes.append(out.requires_grad))
-    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    state = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    cond, x_in, level, rollout = state.cond, state.x_in, state.level, state.rollout
     assert grad_modes == [False] * (k - 1)  # the prefix: k − 1 CPS steps, none with grad
     assert not x_in.requires_grad and x_in.grad_fn is None
-    rollout = batch[ROLLOUT_KEY]
     levels = module.student_levels()
     assert rollout.step == k and torch.equal(level, torch.full((4,), float(levels[k - 1]), dtype=torch.float64))
     sigma_s = float(levels[k]) if k < 4 else 0.0
@@ -163,7 +162,7 @@ def test_generator_gradient_reaches_only_step_k(tiny_digits_teacher, k):
     dm_gradient = module.dm_gradient
     module.dm_gradient = lambda *args: captured.setdefault("g", dm_gradient(*args))
     leaf = x0.detach().requires_grad_()
-    loss, logs = module.generator_loss(leaf, cond, module.backbone.empty_conditioning(4), batch)
+    loss, logs = module.generator_loss(leaf, state)
     loss.backward()
     sigma = float(levels[k - 1])
     jacobian = (1 - sigma_s) - sigma_s * math.cos(ETA * math.pi / 2) * (1 - sigma) / sigma
@@ -172,7 +171,7 @@ def test_generator_gradient_reaches_only_step_k(tiny_digits_teacher, k):
 
     # Through the real generator forward the loss reaches the generator's weights.
     module.dm_gradient = dm_gradient
-    loss, _ = module.generator_loss(x0, cond, module.backbone.empty_conditioning(4), batch)
+    loss, _ = module.generator_loss(x0, state)
     module.generator.zero_grad()
     (loss * 1e6).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator.parameters())
@@ -184,21 +183,22 @@ def test_critic_gets_its_own_rollout_on_generator_iterations(tiny_digits_teacher
     module = make_acdmd(tiny_digits_teacher)
     steps = iter([2, 4])
     module.shared_randint = lambda high: next(steps) - 1
-    cond, _ = conditioning(module)
-    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
-    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond).detach()
-    critic_batch, _, x_s = module.critic_inputs(batch, cond, x0)
-    assert critic_batch["acdmd_critic_step"] == 4 and torch.equal(critic_batch[SIGMA_S_KEY], torch.zeros(4, dtype=torch.float64))
+    state = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    x0 = module.backbone.predict_x0(module.generator, state.x_in, state.level, state.cond).detach()
+    critic, x_s = module.critic_inputs(state, x0)
+    assert critic.rollout is state.rollout and state.rollout.step == 2 and state.critic_rollout is None
+    assert critic.critic_rollout.step == 4
+    assert torch.equal(critic.critic_rollout.sigma_s, torch.zeros(4, dtype=torch.float64))
     assert not x_s.requires_grad
     # On a critic-only iteration the iteration's rollout is the critic's (no new draw of k).
     module.shared_randint = lambda high: 3 - 1
-    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=False)
+    state = module.training_inputs({"prompts": PROMPTS}, update_generator=False)
     with torch.no_grad():
-        x0 = module.backbone.predict_x0(module.generator, x_in, level, cond)
+        x0 = module.backbone.predict_x0(module.generator, state.x_in, state.level, state.cond)
     module.shared_randint = None  # a second draw would fail
-    critic_batch, _, x_s = module.critic_inputs(batch, cond, x0)
-    assert critic_batch["acdmd_critic_step"] == 3
-    assert torch.equal(x_s, module.boundary_sample(batch[ROLLOUT_KEY], x0))
+    critic, x_s = module.critic_inputs(state, x0)
+    assert critic.critic_rollout is state.rollout and critic.critic_rollout.step == 3
+    assert torch.equal(x_s, module.boundary_sample(state.rollout, x0))
 
 
 # ---- k, t_r and Δ are shared across ranks ---------------------------------------------------------
@@ -235,14 +235,14 @@ def one_iteration(module: ACDMD, strategy) -> dict:
     module.consistency_prime = lambda s: used["sigma_prime"].append(prime(s)) or used["sigma_prime"][-1]
     module._trainer = SimpleNamespace(strategy=strategy)
     try:
-        batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
-        x0 = module.backbone.predict_x0(module.generator, x_in, level, cond)
-        module.generator_loss(x0, cond, module.backbone.empty_conditioning(4), batch)
-        critic_batch, cond, x_s = module.critic_inputs(batch, cond, x0.detach())
-        module.fake_score_loss(x_s, cond, critic_batch)
+        state = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+        x0 = module.backbone.predict_x0(module.generator, state.x_in, state.level, state.cond)
+        module.generator_loss(x0, state)
+        critic, x_s = module.critic_inputs(state, x0.detach())
+        module.fake_score_loss(x_s, critic)
     finally:
         module._trainer = None
-    return {"k": [batch[ROLLOUT_KEY].step, critic_batch["acdmd_critic_step"]], "noise": batch[ROLLOUT_KEY].noise, **used}
+    return {"k": [state.rollout.step, critic.critic_rollout.step], "noise": state.rollout.noise, **used}
 
 
 def test_k_t_r_and_delta_are_identical_across_ranks(tiny_digits_teacher):
@@ -277,7 +277,7 @@ def test_fake_score_loss_is_adsm_plus_gamma_consistency_by_hand(tiny_digits_teac
     x_s = torch.rand(4, 1, 8, 8) * 2 - 1
     sigma = torch.full((4,), sigma_s, dtype=torch.float64)
     module.rng.manual_seed(7)
-    loss, logs = module.fake_score_loss(x_s, cond, {SIGMA_S_KEY: sigma})
+    loss, logs = module.critic_loss(x_s, sigma, cond)
 
     rng = torch.Generator().manual_seed(7)
     backbone, fake = module.backbone, module.fake_score

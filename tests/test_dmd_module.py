@@ -27,11 +27,14 @@ from rdm_lightning.callbacks import ema as ema_module
 from rdm_lightning.callbacks.ema import GeneratorEMA
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import (
+    ACDMD,
     ACDMDConfig,
     DMD,
     DMDConfig,
     DMDRConfig,
+    GDMD,
     GDMDConfig,
+    GNDM,
     GNDMConfig,
     GRPOConfig,
     ImportanceSamplingConfig,
@@ -42,6 +45,8 @@ from rdm_lightning.methods import (
     TeacherSamplingConfig,
 )
 from rdm_lightning.methods.base import TRAINABLE_ROLES
+from rdm_lightning.rewards import StrokeContrastReward
+from iterations import loss_state
 
 
 pytestmark = pytest.mark.filterwarnings(
@@ -213,12 +218,12 @@ def test_gan_losses_with_zero_logits(tiny_digits_teacher):
     cond, uncond = backbone.encode_prompts(PROMPTS), backbone.empty_conditioning(len(PROMPTS))
     x0 = torch.randn(len(PROMPTS), 1, 8, 8)
     batch = {"images": torch.rand(len(PROMPTS), 1, 8, 8), "prompts": PROMPTS}
-    _, logs = module.generator_loss(x0, cond, uncond, batch)
+    _, logs = module.generator_loss(x0, loss_state(x0, cond, uncond, batch))
     assert logs["train/loss_gan_g"].item() == pytest.approx(math.log(2.0), abs=1e-6)
-    _, logs = module.fake_score_loss(x0, cond, batch)
+    _, logs = module.fake_score_loss(x0, loss_state(x0, cond, uncond, batch))
     assert logs["train/loss_gan_d"].item() == pytest.approx(2.0 * math.log(2.0), abs=1e-6)
     with pytest.raises(KeyError, match="images"):
-        module.fake_score_loss(x0, cond, {"prompts": PROMPTS})
+        module.fake_score_loss(x0, loss_state(x0, cond, uncond, {"prompts": PROMPTS}))
 
 
 # ---- 2: zero DMD gradient when the fake score is the teacher -------------------------------------
@@ -343,7 +348,7 @@ def test_frozen_roles_and_checkpoint_round_trip(tiny_digits_teacher, tmp_path):
 def test_nan_generator_loss_names_role_and_iteration(tiny_digits_teacher, monkeypatch):
     module = make_module(tiny_digits_teacher, ratio=2)
 
-    def nan_loss(x0, cond, uncond, batch):
+    def nan_loss(x0, state):
         return x0.mean() * float("nan"), {}
 
     monkeypatch.setattr(module, "generator_loss", nan_loss)
@@ -355,8 +360,8 @@ def test_inf_fake_score_loss_names_role_and_iteration(tiny_digits_teacher, monke
     module = make_module(tiny_digits_teacher, ratio=2)
     original = module.fake_score_loss
 
-    def loss_inf_at_3(x0, cond, batch):
-        loss, logs = original(x0, cond, batch)
+    def loss_inf_at_3(x0, state):
+        loss, logs = original(x0, state)
         return (loss * float("inf") if module.iterations == 3 else loss), logs
 
     monkeypatch.setattr(module, "fake_score_loss", loss_inf_at_3)
@@ -381,10 +386,11 @@ def test_partly_nonfinite_dmd_gradient_is_counted_and_trains_on(tiny_digits_teac
     module = make_module(tiny_digits_teacher)
     cond, uncond = module.backbone.encode_prompts(PROMPTS), module.backbone.empty_conditioning(len(PROMPTS))
     x0 = torch.rand(len(PROMPTS), *module.backbone.latent_shape) * 2 - 1
-    _, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    state = loss_state(x0, cond, uncond, {"prompts": PROMPTS})
+    _, logs = module.generator_loss(x0, state)
     assert logs["train/dmd_grad_nonfinite"].item() == 0.0
     monkeypatch.setattr(module, "real_x0", nan_real_score(module, slice(0, 1)))
-    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    loss, logs = module.generator_loss(x0, state)
     assert logs["train/dmd_grad_nonfinite"].item() == x0[0].numel() and torch.isfinite(loss)
 
 
@@ -614,9 +620,9 @@ def test_single_optimizer_generator_step_leaves_critic_bit_identical(tiny_digits
             level = module.student_levels()[0].reshape(1).expand(len(PROMPTS))
             x0 = backbone.predict_x0(module.generator, noise, level, cond)
             if role == "generator":
-                loss, _ = module.generator_loss(x0, cond, uncond, batch)
+                loss, _ = module.generator_loss(x0, loss_state(x0, cond, uncond, batch))
             else:
-                loss, _ = module.fake_score_loss(x0.detach(), cond, batch)
+                loss, _ = module.fake_score_loss(x0.detach(), loss_state(x0, cond, uncond, batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         for p in [*module.generator.parameters(), *critic]:  # DeepSpeed zero-fills missing gradients
@@ -664,3 +670,58 @@ def test_ema_every_n_updates_with_warmup_decay():
         assert torch.allclose(ema.weight, expected), update
     with pytest.raises(ValueError, match="every_n_updates must be >= 1"):
         GeneratorEMA(every_n_updates=0)
+
+
+# ---- 11: the batch carries data only ---------------------------------------------------------------
+class BatchUnchanged(L.Callback):
+    """Checks that every training step hands its loss hooks the very batch it was given, and leaves that
+    batch as it was: the same keys and values."""
+
+    def __init__(self, module: DMD):
+        self.steps = self.losses = 0
+        for hook in ("generator_loss", "fake_score_loss"):
+            setattr(module, hook, self.checked(getattr(module, hook)))
+
+    def checked(self, hook):
+        def loss(x0, state):
+            assert state.batch is self.batch
+            self.losses += 1
+            return hook(x0, state)
+
+        return loss
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch, self.given = batch, dict(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        assert batch is self.batch and batch.keys() == self.given.keys()
+        assert all(batch[k] is v for k, v in self.given.items())
+        self.steps += 1
+
+
+@pytest.mark.filterwarnings("ignore:GDMD group_size=4 < 8")
+@pytest.mark.parametrize("method", ["dmd_gan", "gndm_is", "gndm_is_fake_score", "gndm_grpo", "gdmd_grpo", "acdmd"])
+def test_a_training_step_never_adds_keys_to_its_batch(tiny_digits_teacher, method):
+    """Per-iteration state (rollouts, importance ratios, boundary samples) rides on the typed ``Iteration``."""
+    backbone = DigitsBackbone(path=str(tiny_digits_teacher))
+    dmd = DMDConfig(generator_update_ratio=2, norm_eps=1e-8)
+    reward = StrokeContrastReward()
+    module = {
+        "dmd_gan": lambda: make_module(tiny_digits_teacher, ratio=2, gan=1e-2),
+        "gndm_is": lambda: GNDM(backbone, importance_sampling=ImportanceSamplingConfig(enabled=True), dmd=dmd),
+        "gndm_is_fake_score": lambda: GNDM(
+            backbone, importance_sampling=ImportanceSamplingConfig(enabled=True, target="fake_score"), dmd=dmd
+        ),
+        "gndm_grpo": lambda: GNDM(backbone, gndm=GNDMConfig(mode="grpo"), dmd=dmd),
+        "gdmd_grpo": lambda: GDMD(
+            backbone, rewards=[reward], dmd=dmd,
+            gdmd=GDMDConfig(mode="grpo", group_size=4, cold_start_updates=1, reward_weights={reward.name: 1.0}),
+        ),
+        "acdmd": lambda: ACDMD(backbone, dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=2)),
+    }[method]()
+    check = BatchUnchanged(module)
+    make_trainer(max_steps=12, callbacks=[check]).fit(module, DigitsDataModule(batch_size=8, group_size=4))
+    assert module.iterations == check.steps == 8 and module.generator_updates == 4
+    assert check.losses == 8 + 4  # every fake-score and generator loss saw the loader's batch
+    if method.startswith("gndm_is"):
+        assert module.rollouts["generator"] == 2  # two of the four generator updates reused a stored rollout

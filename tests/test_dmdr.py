@@ -18,6 +18,7 @@ from rdm_lightning.core.schedules_training import (
 )
 from rdm_lightning.methods import DMDR, DMDConfig, DMDRConfig
 from rdm_lightning.rewards import DigitsGoldReward, RewardModel
+from iterations import loss_state
 from reward_doubles import CountingReward
 
 PROMPTS = ["a handwritten digit 2", "a handwritten digit 5"]
@@ -80,7 +81,7 @@ def test_cold_start_calls_no_reward_and_loss_is_dm_check_5(tiny_digits_teacher):
     cond, uncond = module.backbone.encode_prompts(PROMPTS), module.backbone.empty_conditioning(2)
     x0 = torch.randn(2, 1, 8, 8, requires_grad=True)
     state = module.rng.get_state()
-    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    loss, logs = module.generator_loss(x0, loss_state(x0, cond, uncond, {"prompts": PROMPTS}))
     module.rng.set_state(state)
     dm_loss, _, _ = module.distribution_matching_loss(x0, cond, uncond)
     assert module.rewards.terms[0].reward.calls == 0
@@ -93,7 +94,7 @@ def test_after_cold_start_the_hinge_term_is_added(tiny_digits_teacher):
     cond, uncond = module.backbone.encode_prompts(PROMPTS), module.backbone.empty_conditioning(2)
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
     state = module.rng.get_state()
-    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    loss, logs = module.generator_loss(x0, loss_state(x0, cond, uncond, {"prompts": PROMPTS}))
     module.rng.set_state(state)
     dm_loss, _, _ = module.distribution_matching_loss(x0, cond, uncond)
     reward = module.rewards.terms[0].reward

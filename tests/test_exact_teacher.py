@@ -165,7 +165,7 @@ def _train_mixture_dmd(dmd: DMDConfig, monkeypatch=None, updates: int = 3) -> tu
     )
     seen = []
     original = module.fake_score_loss
-    module.fake_score_loss = lambda x0, cond, batch: (seen.append(x0.clone()), original(x0, cond, batch))[1]
+    module.fake_score_loss = lambda x0, state: (seen.append(x0.clone()), original(x0, state))[1]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,

@@ -20,6 +20,7 @@ from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import GDMD, DMDConfig, GDMDConfig, OptimizerConfig
 from rdm_lightning.rewards import StrokeContrastReward
 from rdm_lightning.rewards.base import RewardModel
+from iterations import loss_state
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:GDMD group_size=.*:UserWarning",
@@ -96,7 +97,7 @@ def inputs(module: GDMD):
 def loss_and_direction(module: GDMD, x0, cond, uncond):
     """GDMD's loss and its x-gradient, plus the DM loss and g of the same random draws."""
     state = module.rng.get_state()
-    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    loss, logs = module.generator_loss(x0, loss_state(x0, cond, uncond, {"prompts": PROMPTS}))
     (grad,) = torch.autograd.grad(loss, x0)
     module.rng.set_state(state)
     dm_loss, gradient, _ = module.distribution_matching_loss(x0, cond, uncond)
@@ -107,7 +108,7 @@ def loss_and_direction(module: GDMD, x0, cond, uncond):
 def loss_and_grad(module: GDMD, x0, cond, uncond):
     """GDMD's loss, its x-gradient and its logs, leaving the module's random stream where it was."""
     state = module.rng.get_state()
-    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": PROMPTS})
+    loss, logs = module.generator_loss(x0, loss_state(x0, cond, uncond, {"prompts": PROMPTS}))
     (grad,) = torch.autograd.grad(loss, x0)
     module.rng.set_state(state)
     return loss, grad, logs
@@ -196,9 +197,9 @@ def test_batches_must_be_whole_groups_of_one_prompt(tiny_digits_teacher):
     x0, cond, uncond = inputs(module)
     mixed = PROMPTS[1:] + PROMPTS[:1]
     with pytest.raises(ValueError, match=r"samples 0\.\.3 have prompts"):
-        module.generator_loss(x0, cond, uncond, {"prompts": mixed})
+        module.generator_loss(x0, loss_state(x0, cond, uncond, {"prompts": mixed}))
     with pytest.raises(ValueError, match="not a multiple of group_size=4"):
-        module.generator_loss(x0[:6], cond, uncond, {"prompts": PROMPTS[:6]})
+        module.generator_loss(x0[:6], loss_state(x0[:6], cond, uncond, {"prompts": PROMPTS[:6]}))
 
 
 def test_non_differentiable_rewards_and_config_errors(tiny_digits_teacher):
@@ -354,16 +355,16 @@ def test_b3_rolls_out_after_the_cold_start_and_scores_the_targets(tiny_digits_te
     module = make_gdmd(tiny_digits_teacher, rewards=[reward], mode="grpo", cold_start_updates=1)
     batch = {"prompts": PROMPTS}
     # Cold start: B1's backward simulation, no rollout and no reward call.
-    cold, _, _, _ = module.training_inputs(batch, update_generator=True)
-    assert "trajectory" not in cold and not reward.inputs
+    cold = module.training_inputs(batch, update_generator=True)
+    assert cold.trajectory is None and not reward.inputs
     module.role_updates["generator"] = 1
-    rolled, cond, x_in, level = module.training_inputs(batch, update_generator=True)
-    trajectory = rolled["trajectory"]
-    assert torch.equal(x_in, trajectory.latents[-2]) and trajectory.trainable == [True, True, True, False]
+    rolled = module.training_inputs(batch, update_generator=True)
+    trajectory = rolled.trajectory
+    assert torch.equal(rolled.x_in, trajectory.latents[-2]) and trajectory.trainable == [True, True, True, False]
     # The generator's prediction at the last input is the rollout's final sample.
-    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond).requires_grad_(True)
+    x0 = module.backbone.predict_x0(module.generator, rolled.x_in, rolled.level, rolled.cond).requires_grad_(True)
     torch.testing.assert_close(x0, trajectory.sample, rtol=0, atol=1e-5)
-    loss, logs = module.generator_loss(x0, cond, module.backbone.empty_conditioning(len(PROMPTS)), rolled)
+    loss, logs = module.generator_loss(x0, rolled)
     assert len(reward.inputs) == 1 and not reward.grad_enabled[0]  # R(decode(x̃)) without grad
     assert not torch.equal(reward.inputs[0], module.backbone.decode(x0.detach()))  # at x̃, not x
     assert logs["train/policy_kept"] == 1.0
@@ -375,7 +376,7 @@ def test_b3_rolls_out_after_the_cold_start_and_scores_the_targets(tiny_digits_te
 
 def test_b3_constant_rewards_drop_every_sample(tiny_digits_teacher):
     module = make_gdmd(tiny_digits_teacher, rewards=[ConstantReward()], mode="grpo")
-    rolled, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
-    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond)
-    loss, logs = module.generator_loss(x0, cond, module.backbone.empty_conditioning(len(PROMPTS)), rolled)
+    rolled = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    x0 = module.backbone.predict_x0(module.generator, rolled.x_in, rolled.level, rolled.cond)
+    loss, logs = module.generator_loss(x0, rolled)
     assert loss.item() == 0.0 and logs["train/policy_kept"] == 0.0

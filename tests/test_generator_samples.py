@@ -86,9 +86,9 @@ def test_rollout_fits_the_fake_score_to_the_rollouts_it_trains_on(monkeypatch):
     rollout_x0 = DMD.rollout_x0
     monkeypatch.setattr(DMD, "rollout_x0", lambda self, noise, cond: rollouts.append(rollout_x0(self, noise, cond)) or rollouts[-1])
     fake_score_loss = module.fake_score_loss
-    module.fake_score_loss = lambda x0, cond, batch: (critic_batches.append(x0.clone()), fake_score_loss(x0, cond, batch))[1]
+    module.fake_score_loss = lambda x0, state: (critic_batches.append(x0.clone()), fake_score_loss(x0, state))[1]
     generator_loss = module.generator_loss
-    module.generator_loss = lambda x0, *a: (dm_samples.append(x0), generator_loss(x0, *a))[1]
+    module.generator_loss = lambda x0, state: (dm_samples.append(x0), generator_loss(x0, state))[1]
     monkeypatch.setattr(DMD, "final_step_samples", lambda *a: pytest.fail("no extra rollout with generator_samples=rollout"))
     fit(module)
     assert module.generator_updates == 3 and len(rollouts) == len(critic_batches) == module.iterations

@@ -20,9 +20,10 @@ from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.core.schedules import VPSchedule
-from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig, StudentConfig
-from rdm_lightning.methods.gndm import ImportanceSamplingConfig, StoredRollout
+from rdm_lightning.methods import DMD, GNDM, DMDConfig, DMDRConfig, GNDMConfig, Iteration, StudentConfig
+from rdm_lightning.methods.gndm import ImportanceSamplingConfig, ReuseIteration, StoredRollout
 from rdm_lightning.rewards import RewardModel
+from iterations import loss_state
 from reward_doubles import CountingReward
 
 PROMPTS = ["a handwritten digit 2"] * 4 + ["a handwritten digit 5"] * 4
@@ -142,7 +143,7 @@ def loss_and_grad(module, x0, batch_prompts=PROMPTS, seed=0):
     cond = module.backbone.encode_prompts(batch_prompts)
     uncond = module.backbone.empty_conditioning(len(batch_prompts))
     x = x0.clone().requires_grad_()
-    loss, logs = module.generator_loss(x, cond, uncond, {"prompts": batch_prompts})
+    loss, logs = module.generator_loss(x, loss_state(x, cond, uncond, {"prompts": batch_prompts}))
     loss.backward()
     return loss.detach(), x.grad, logs
 
@@ -257,11 +258,12 @@ def make_is_gndm(teacher, ratio=1, **importance) -> GNDM:
 def stored_prefix(module, step: int) -> tuple[StoredRollout, object]:
     """A stored rollout of ``step`` prefix steps for PROMPTS, as a fresh generator update stores it."""
     module.shared_randint = lambda high: step
-    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
-    assert torch.equal(batch["importance_weights"], torch.ones(len(PROMPTS)))  # ρ = 1 on the first use
-    assert torch.equal(x_in, module.stored_rollout.trajectory.latents[-1])
-    assert torch.allclose(level, torch.full((len(PROMPTS),), float(module.student_levels()[step])))
-    return module.stored_rollout, cond
+    state = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    assert torch.equal(state.sample_weights, torch.ones(len(PROMPTS)))  # ρ = 1 on the first use
+    assert state.critic_weights is None and not isinstance(state, ReuseIteration)
+    assert torch.equal(state.x_in, module.stored_rollout.trajectory.latents[-1])
+    assert torch.allclose(state.level, torch.full((len(PROMPTS),), float(module.student_levels()[step])))
+    return module.stored_rollout, state.cond
 
 
 @pytest.mark.parametrize("log_prob", ["exact_mean", "exact_sum"])
@@ -281,9 +283,11 @@ def test_importance_ratio_is_one_unchanged_then_clipped_and_detached_check_5(tin
     assert ((ratios >= (1 - epsilon) ** steps) & (ratios <= (1 + epsilon) ** steps)).all()
     assert not torch.equal(ratios, torch.ones_like(ratios))
     # The reuse hands those ratios to the loss and then drops the rollout (n_reuse = 2).
-    batch, _, x_in, _ = module.training_inputs({"prompts": ["a handwritten digit 7"] * 8}, update_generator=True)
-    assert batch["prompts"] == PROMPTS and torch.equal(batch["importance_weights"], ratios)
-    assert torch.equal(x_in, stored.trajectory.latents[-1]) and module.stored_rollout is None
+    incoming = {"prompts": ["a handwritten digit 7"] * 8}
+    state = module.training_inputs(incoming, update_generator=True)
+    assert state.reused is stored and state.prompts == PROMPTS and torch.equal(state.sample_weights, ratios)
+    assert state.batch is incoming and state.critic_weights is None  # target=generator: the critic's weights stay 1
+    assert torch.equal(state.x_in, stored.trajectory.latents[-1]) and module.stored_rollout is None
 
 
 def test_prefix_of_zero_steps_is_pure_noise_with_unit_ratio(tiny_digits_teacher):
@@ -301,11 +305,31 @@ def test_importance_weights_scale_each_samples_gradient(tiny_digits_teacher):
     module.rng.manual_seed(0)
     x = x0.clone().requires_grad_()
     cond = module.backbone.encode_prompts(PROMPTS)
-    loss, logs = module.generator_loss(x, cond, module.backbone.empty_conditioning(8),
-                                       {"prompts": PROMPTS, "importance_weights": ratios})
+    state = loss_state(x, cond, module.backbone.empty_conditioning(8), {"prompts": PROMPTS}, sample_weights=ratios)
+    loss, logs = module.generator_loss(x, state)
     loss.backward()
     torch.testing.assert_close(x.grad, plain * ratios.view(-1, 1, 1, 1), rtol=1e-6, atol=0)
     assert logs["train/is_ratio_min"] == ratios.min()
+
+
+@pytest.mark.parametrize("target", ["generator", "fake_score"])
+def test_the_critic_of_a_reuse_trains_on_a_fresh_rollout_or_on_the_reused_one_weighted(tiny_digits_teacher, target):
+    module = make_is_gndm(tiny_digits_teacher, target=target)
+    stored, _ = stored_prefix(module, step=2)
+    incoming = {"prompts": ["a handwritten digit 7"] * 8}
+    state = module.training_inputs(incoming, update_generator=True)
+    x0 = module.backbone.predict_x0(module.generator, state.x_in, state.level, state.cond)
+    critic, critic_x0 = module.critic_inputs(state, x0)
+    if target == "fake_score":  # the reused samples, weighted by ρ
+        assert critic is state and critic_x0 is x0 and torch.equal(critic.critic_weights, state.sample_weights)
+        return
+    # A fresh rollout of the incoming batch, unweighted; the generator's state is left as it was.
+    assert critic.prompts == incoming["prompts"] and critic.batch is incoming and type(critic) is Iteration
+    assert critic.critic_weights is None and critic.sample_weights is None
+    assert module.rollouts["fake_score"] == 1 and not torch.equal(critic.x_in, state.x_in)
+    expected = module.backbone.encode_prompts(incoming["prompts"]).tensors
+    assert all(torch.equal(critic.cond.tensors[k], v) for k, v in expected.items())
+    assert not critic_x0.requires_grad and state.prompts == PROMPTS
 
 
 @pytest.mark.parametrize("target", ["generator", "fake_score"])
@@ -346,11 +370,11 @@ def test_importance_sampling_needs_a_flow_schedule(tiny_digits_teacher):
 def test_a3_steps_on_the_rdm_advantage_of_cps_rollouts(tiny_digits_teacher):
     module = make_gndm(tiny_digits_teacher, rewards=(CountingReward(),), cold_start=0, mode="grpo",
                        rdm_scalar="elbo_diff", lambda_path=0.5)
-    batch, cond, x_in, level = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
-    trajectory = batch["trajectory"]
+    state = module.training_inputs({"prompts": PROMPTS}, update_generator=True)
+    trajectory = state.trajectory
     assert trajectory.rule == "cps" and trajectory.trainable == [True, True, True, False]
-    x0 = module.backbone.predict_x0(module.generator, x_in, level, cond)
-    loss, logs = module.generator_loss(x0, cond, module.backbone.empty_conditioning(8), batch)
+    x0 = module.backbone.predict_x0(module.generator, state.x_in, state.level, state.cond)
+    loss, logs = module.generator_loss(x0, state)
     assert logs["train/policy_kept"] == 1.0 and "train/loss_dm" in logs and "reward/counting" in logs
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator.parameters())

@@ -21,6 +21,7 @@ from rdm_lightning.data import DigitsDataModule
 from rdm_lightning.methods import DMDR, DMDConfig, DMDRConfig, OptimizerConfig, RoleAwareAdamW
 from rdm_lightning.methods.dmdr import CRITIC_ADAPTER
 from rdm_lightning.methods.lora import add_lora, lora_layers, lora_scale, shared_copy
+from iterations import loss_state
 from reward_doubles import CountingReward
 
 # Lightning's notes on a tiny CPU run (hyperparameters holding modules, few workers…) are expected here.
@@ -205,7 +206,7 @@ def test_real_lora_scale_is_logged_and_dynadg_off_is_the_teacher(tiny_digits_tea
         assert torch.equal(module.real_x0(x, level, cond, 1.5, uncond), module.teacher_x0(x, level, cond, 1.5, uncond))
     on = make_lora_dmdr(tiny_digits_teacher)
     on.role_updates["generator"] = K_DG // 2
-    _, logs = on.generator_loss(x.clone().requires_grad_(), cond, uncond, {"prompts": PROMPTS})
+    _, logs = on.generator_loss(x.clone().requires_grad_(), loss_state(x, cond, uncond, {"prompts": PROMPTS}))
     assert logs["train/real_lora_scale"] == pytest.approx(S_R0 / 2)
 
 
@@ -292,7 +293,7 @@ def test_reduced_precision_teacher_keeps_a_float32_lora(tiny_digits_teacher):
         fake = module.fake_x0(x, level, cond)
         assert fake.dtype == torch.float32 and torch.equal(fake, module.teacher_x0(x, level, cond, 1.0))
     with module.trainable_role("fake_score"):
-        loss, _ = module.fake_score_loss(x, cond, {"prompts": PROMPTS})
+        loss, _ = module.fake_score_loss(x, loss_state(x, cond, uncond, {"prompts": PROMPTS}))
         loss.backward()
     grads = [p.grad for n, p in lora_params(module).items() if ".lora_B." in n]
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from iterations import loss_state
 from jsonargparse import ArgumentParser
 from tiny_models import CLIP_VOCAB_SIZE, MAX_TOKENS, tiny_clip_tokenizer
 from transformers import CLIPConfig, CLIPModel
@@ -306,7 +307,7 @@ def test_dmdr_trains_on_the_srpo_reward_through_its_hinge(clip_reward, tiny_digi
     cond, uncond = module.backbone.encode_prompts(prompts), module.backbone.empty_conditioning(2)
     x0 = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).requires_grad_(True)
     state = module.rng.get_state()
-    loss, logs = module.generator_loss(x0, cond, uncond, {"prompts": prompts})
+    loss, logs = module.generator_loss(x0, loss_state(x0, cond, uncond, {"prompts": prompts}))
     module.rng.set_state(state)
     dm_loss, _, _ = module.distribution_matching_loss(x0, cond, uncond)
     hinge = hinge_reward_loss(srpo.score(module.backbone.decode(x0), prompts, with_grad=True), 0.5, 0.7)

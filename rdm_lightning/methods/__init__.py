@@ -1,7 +1,7 @@
 """LightningModules of the distillation methods."""
 from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
 from rdm_lightning.methods.base import DistillationModule, StudentConfig, TeacherSamplingConfig
-from rdm_lightning.methods.dmd import DMD, DMDConfig
+from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.gndm import GNDM, GNDMConfig, ImportanceSamplingConfig
 from rdm_lightning.methods.gdmd import GDMD, GDMDConfig
@@ -25,6 +25,7 @@ __all__ = [
     "GNDMConfig",
     "GRPOConfig",
     "ImportanceSamplingConfig",
+    "Iteration",
     "OptimizerConfig",
     "RTDMD",
     "RTDMDConfig",

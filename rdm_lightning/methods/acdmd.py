@@ -21,7 +21,8 @@ One iteration (:meth:`DMD.training_step`, reused through its hooks)::
 How it maps onto DMD's hooks (the spec's "step k carries gradient" with DMD's structure):
 
 - :meth:`training_inputs` draws the rollout prefix and returns step k's *input* ``(x_in, σ_{k−1})``;
-  the step's noise z and σ_s ride on the batch as a :class:`BoundaryRollout`.
+  the step's noise z and σ_s ride on the iteration's state (:class:`ACDMDIteration`) as its
+  :class:`BoundaryRollout`.
   :meth:`DMD.training_step` then runs ``x̂0 = G(x_in, σ_{k−1})`` (with grad on a generator
   iteration) and :meth:`generator_loss` turns it into ``x_s`` with the differentiable CPS step
   (:meth:`boundary_sample`)::
@@ -34,7 +35,7 @@ How it maps onto DMD's hooks (the spec's "step k carries gradient" with DMD's st
   without grad and :meth:`critic_inputs` applies the same CPS step. On a generator iteration that rollout
   trained the generator, so :meth:`critic_inputs` draws the critic a separate no-grad rollout with its
   own k (spec: "It trains on a separate no-grad rollout with its own k"), after the generator step.
-- :meth:`fake_score_loss` receives ``x_s`` (and σ_s on the batch) in place of DMD's x̂0.
+- :meth:`fake_score_loss` receives ``x_s`` (and the state's ``critic_rollout``, with its σ_s) in place of DMD's x̂0.
 
 Randomness: k, t_r and the consistency Δ are drawn from the module's stream ``self.rng`` on every
 rank (keeping the per-rank streams in step) and rank 0's value is broadcast, as
@@ -55,7 +56,7 @@ Differences from the reference trainer, all deliberate:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -80,16 +81,10 @@ from rdm_lightning.core.rtdmd import (
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
-from rdm_lightning.methods.dmd import DMD, DMDConfig, require_generator_samples
+from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 from rdm_lightning.methods.lora import add_lora, lora_parameters
 from rdm_lightning.methods.optim import OptimizerConfig
-
-ROLLOUT_KEY = "acdmd_rollout"
-"""Batch key of the :class:`BoundaryRollout` that :meth:`ACDMD.training_inputs` drew."""
-SIGMA_S_KEY = "acdmd_sigma_s"
-"""Batch key of the critic's boundary levels σ_s (``(B,)``, float64), set by :meth:`ACDMD.critic_inputs`."""
-
 
 @dataclass
 class ACDMDConfig:
@@ -163,6 +158,17 @@ class BoundaryRollout:
     """z, step k's CPS noise (unused where σ_s = 0: that step is deterministic)."""
     step: int
     """k ∈ {1..N}, the number of the trained step (1-based, as in the spec)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ACDMDIteration(Iteration):
+    """An AC-DMD iteration: ``(x_in, level)`` is step k's input of :attr:`rollout`."""
+
+    rollout: BoundaryRollout
+    """The rollout :meth:`ACDMD.training_inputs` drew: the generator's on a generator iteration, else the critic's."""
+    critic_rollout: BoundaryRollout | None = None
+    """The rollout whose boundary samples the fake score trains on (its σ_s, its k), set by
+    :meth:`ACDMD.critic_inputs`."""
 
 
 def velocity_from_x0(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
@@ -354,11 +360,11 @@ class ACDMD(DMD):
         }
         return loss, gradient, logs
 
-    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+    def generator_loss(self, x0: Tensor, state: ACDMDIteration) -> tuple[Tensor, dict]:
         """``L_G`` of step k: ``x0`` is the generator's x̂0 at the rollout's ``x_in`` (with grad)."""
-        rollout: BoundaryRollout = batch[ROLLOUT_KEY]
+        rollout = state.rollout
         x_s = self.boundary_sample(rollout, x0)
-        loss, _, logs = self.acdmd_loss(x_s, rollout.sigma_s, cond, uncond)
+        loss, _, logs = self.acdmd_loss(x_s, rollout.sigma_s, state.cond, state.uncond)
         logs["train/acdmd_step"] = float(rollout.step)
         return loss, logs
 
@@ -378,13 +384,16 @@ class ACDMD(DMD):
         loss, nonfinite = consistency_loss(h0, h1, h2, return_nonfinite=True)
         return loss, self.guard_nonfinite("the consistency term", nonfinite)
 
-    def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
-        """``L_F = L_ADSM + γ·L_cons`` on the critic's boundary samples ``x0`` (= x_s, σ_s on the batch).
+    def fake_score_loss(self, x0: Tensor, state: ACDMDIteration) -> tuple[Tensor, dict]:
+        """:meth:`critic_loss` on the critic's boundary samples ``x0`` (= x_s) at ``state.critic_rollout``'s σ_s."""
+        return self.critic_loss(x0, state.critic_rollout.sigma_s, state.cond)
+
+    def critic_loss(self, x_s: Tensor, sigma_s: Tensor, cond: Conditioning) -> tuple[Tensor, dict]:
+        """``L_F = L_ADSM + γ·L_cons`` on boundary samples ``x_s`` at levels ``sigma_s`` (``(B,)``, float64).
 
         Draw order: t_r (shared), n, then (γ > 0) Δ (shared) and the transitions' noise.
         """
-        sigma_s = batch[SIGMA_S_KEY]
-        x_s = x0.detach()
+        x_s = x_s.detach()
         sigma_r = self.renoise_sigma(sigma_s)
         noise = self.randn(x_s.shape)
         x_r, _, sigma_rs = ambient_renoise(x_s, sigma_s, sigma_r, noise)
@@ -403,24 +412,28 @@ class ACDMD(DMD):
         return loss, logs
 
     # ---- DMD's hooks --------------------------------------------------------------------
-    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
+    def training_inputs(self, batch: dict, update_generator: bool) -> ACDMDIteration:
         """A boundary rollout for this iteration; its step-k input ``(x_in, σ_{k−1})`` goes to DMD's
         ``x̂0 = G(x_in, σ)``. It trains the generator on a generator iteration, else the critic."""
-        cond = self.backbone.encode_prompts(batch["prompts"])
-        rollout = self.boundary_rollout(cond, len(batch["prompts"]))
-        batch = {**batch, ROLLOUT_KEY: rollout, "acdmd_generator_rollout": update_generator}
-        return batch, cond, rollout.x_in, rollout.level
+        prompts = batch["prompts"]
+        cond = self.backbone.encode_prompts(prompts)
+        rollout = self.boundary_rollout(cond, len(prompts))
+        return ACDMDIteration(
+            batch=batch, update_generator=update_generator, cond=cond,
+            uncond=self.backbone.empty_conditioning(len(prompts)), x_in=rollout.x_in, level=rollout.level,
+            rollout=rollout,
+        )
 
-    def critic_inputs(self, batch: dict, cond: Conditioning, x0: Tensor) -> tuple[dict, Conditioning, Tensor]:
+    def critic_inputs(self, state: ACDMDIteration, x0: Tensor) -> tuple[ACDMDIteration, Tensor]:
         """The critic's boundary samples: this iteration's rollout on a critic-only iteration, else a
         separate no-grad rollout with its own k (drawn after the generator step)."""
-        rollout: BoundaryRollout = batch[ROLLOUT_KEY]
+        rollout = state.rollout
         with torch.no_grad():
-            if batch["acdmd_generator_rollout"]:
-                rollout = self.boundary_rollout(cond, len(x0))
-                x0 = self.backbone.predict_x0(self.generator, rollout.x_in, rollout.level, cond)
+            if state.update_generator:
+                rollout = self.boundary_rollout(state.cond, len(x0))
+                x0 = self.backbone.predict_x0(self.generator, rollout.x_in, rollout.level, state.cond)
             x_s = self.boundary_sample(rollout, x0)
-        return {**batch, SIGMA_S_KEY: rollout.sigma_s, "acdmd_critic_step": rollout.step}, cond, x_s
+        return replace(state, critic_rollout=rollout), x_s
 
     # ---- sampling -------------------------------------------------------------------------
     def student_sample(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.dmd import dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss
 from rdm_lightning.core.sampling import backward_simulation_input, few_step_sample
+from rdm_lightning.core.stochastic import Trajectory
 from rdm_lightning.methods.base import (
     DistillationModule,
     StudentConfig,
@@ -110,6 +111,40 @@ class DMDConfig:
     @property
     def use_gan(self) -> bool:
         return self.gan_generator_weight > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Iteration:
+    """What one training iteration hands from hook to hook (:meth:`DMD.training_step`).
+
+    :meth:`DMD.training_inputs` builds it, the loss hooks read it, and :meth:`DMD.critic_inputs`
+    returns the critic's: this one, or another where the critic trains on other samples. Methods keep
+    per-iteration state in these typed fields (or a subclass's): nothing is ever added to ``batch``.
+    """
+
+    batch: dict
+    """The loader's batch, data only (``prompts``, and ``images`` where the data has them); never written to."""
+    update_generator: bool
+    """Whether the generator updates this iteration (TTUR); the fake score updates every iteration."""
+    cond: Conditioning
+    """Conditioning of :attr:`prompts`."""
+    uncond: Conditioning
+    """The unconditional branch (empty prompts) of the real score's CFG, one per sample."""
+    x_in: Tensor
+    """The generator's input: noise, or a rollout's latent at ``level``."""
+    level: Tensor
+    """Noise level of ``x_in``, per sample."""
+    trajectory: Trajectory | None = None
+    """The no-grad stochastic rollout of a GRPO mode's generator update (:meth:`GRPOMixin.policy_inputs`)."""
+    sample_weights: Tensor | None = None
+    """Detached per-sample weights of the generator loss (GNDM's importance ratios ρ)."""
+    critic_weights: Tensor | None = None
+    """Detached per-sample weights of the fake-score loss (GNDM's ρ on a reuse with ``target=fake_score``)."""
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts of the generator's samples: the batch's."""
+        return self.batch["prompts"]
 
 
 class DiscriminatorHead(nn.Module):
@@ -218,9 +253,9 @@ class DMD(DistillationModule):
         x_noisy = self.backbone.schedule.add_noise(x0, self.randn(x0.shape), level)
         return self.discriminator_head(self.backbone.features(self.fake_score, x_noisy, level, cond))
 
-    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
-        """``L_G = L_DM + w_G·gan_G`` for generator samples ``x0`` (with grad)."""
-        loss_dm, gradient, replaced = self.distribution_matching_loss(x0, cond, uncond)
+    def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
+        """``L_G = L_DM + w_G·gan_G`` for generator samples ``x0`` (with grad) of the iteration ``state``."""
+        loss_dm, gradient, replaced = self.distribution_matching_loss(x0, state.cond, state.uncond)
         logs = {
             "train/loss_dm": loss_dm.detach(),
             "train/dmd_grad_abs": gradient.abs().mean(),
@@ -228,17 +263,18 @@ class DMD(DistillationModule):
         }
         loss = loss_dm
         if self.dmd.use_gan:
-            loss_gan = gan_generator_loss(self.discriminator_logits(x0, cond))
+            loss_gan = gan_generator_loss(self.discriminator_logits(x0, state.cond))
             loss = loss + self.dmd.gan_generator_weight * loss_gan
             logs["train/loss_gan_g"] = loss_gan.detach()
         return loss, logs
 
-    def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
-        """``L_guid = L_fake + w_D·gan_D`` on the detached generator batch ``x0``."""
+    def fake_score_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
+        """``L_guid = L_fake + w_D·gan_D`` on the detached generator batch ``x0`` of the critic's ``state``
+        (weighted per sample by ``state.critic_weights`` where a method sets them)."""
+        cond, batch = state.cond, state.batch
         level = self.sample_levels(len(x0), *self.dmd.fake_level_range)
-        # Per-sample weights ride on the batch when a method reweights the critic (GNDM's IS reuse).
         loss_fake = self.backbone.denoising_loss(
-            self.fake_score, x0, cond, level, self.randn(x0.shape), batch.get("fake_score_weights")
+            self.fake_score, x0, cond, level, self.randn(x0.shape), state.critic_weights
         )
         logs = {"train/loss_fake": loss_fake.detach()}
         loss = loss_fake
@@ -274,21 +310,26 @@ class DMD(DistillationModule):
         """TTUR: the generator updates when ``iteration % r == 0``."""
         return self.iterations % self.dmd.generator_update_ratio == 0
 
-    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
-        """The iteration's batch, its conditioning and the generator input ``(x_in, level)``.
+    def training_inputs(self, batch: dict, update_generator: bool) -> Iteration:
+        """The iteration's state: the batch, its conditioning and the generator input (:meth:`generator_input`).
 
-        A hook: methods that reuse stored rollouts (GNDM's importance sampling) swap the batch here.
+        A hook: methods that draw their own rollouts (GNDM's importance sampling and GRPO mode, AC-DMD)
+        build the generator input, and what their other hooks need, here.
         """
-        cond = self.backbone.encode_prompts(batch["prompts"])
-        x_in, level = self.generator_input(cond, len(batch["prompts"]))
-        return batch, cond, x_in, level
+        prompts = batch["prompts"]
+        cond = self.backbone.encode_prompts(prompts)
+        x_in, level = self.generator_input(cond, len(prompts))
+        return Iteration(
+            batch=batch, update_generator=update_generator, cond=cond,
+            uncond=self.backbone.empty_conditioning(len(prompts)), x_in=x_in, level=level,
+        )
 
-    def critic_inputs(self, batch: dict, cond: Conditioning, x0: Tensor) -> tuple[dict, Conditioning, Tensor]:
-        """The fake score's batch, conditioning and samples: by default this iteration's detached ``x0``.
+    def critic_inputs(self, state: Iteration, x0: Tensor) -> tuple[Iteration, Tensor]:
+        """The fake score's state and samples: by default this iteration's, with its detached ``x0``.
 
         A hook: GNDM's importance sampling gives the critic fresh samples when the generator reuses old ones.
         """
-        return batch, cond, x0
+        return state, x0
 
     def generator_x0(self, x_in: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         """The generator's x̂0 for the iteration's input ``x_in`` at ``level`` (grad as the caller allows):
@@ -314,26 +355,24 @@ class DMD(DistillationModule):
         return self.rollout_x0(self.randn((n, *self.backbone.latent_shape)), cond)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        update_generator = self.is_generator_iteration()
-        batch, cond, x_in, level = self.training_inputs(batch, update_generator)
-        prompts = batch["prompts"]
-        uncond = self.backbone.empty_conditioning(len(prompts))
+        state = self.training_inputs(batch, self.is_generator_iteration())
+        batch_size = len(state.prompts)
         logs = {}
-        if update_generator:
+        if state.update_generator:
             with self.trainable_role("generator"):
-                x0 = self.generator_x0(x_in, level, cond)
-                loss, logs = self.generator_loss(x0, cond, uncond, batch)
+                x0 = self.generator_x0(state.x_in, state.level, state.cond)
+                loss, logs = self.generator_loss(x0, state)
                 self.step_role("generator", loss)
             x0 = x0.detach()
         else:
             with torch.no_grad():
-                x0 = self.generator_x0(x_in, level, cond)
-        batch, cond, x0 = self.critic_inputs(batch, cond, x0)
+                x0 = self.generator_x0(state.x_in, state.level, state.cond)
+        state, x0 = self.critic_inputs(state, x0)
         if self.dmd.critic_on_final_step:
-            x0 = self.final_step_samples(cond, len(x0))
+            x0 = self.final_step_samples(state.cond, len(x0))
         with self.trainable_role("fake_score"):
-            loss, fake_logs = self.fake_score_loss(x0, cond, batch)
+            loss, fake_logs = self.fake_score_loss(x0, state)
             self.step_role("fake_score", loss)
         self.iterations += 1
-        self.log_dict({**logs, **fake_logs}, prog_bar=True, batch_size=len(prompts))
-        self.log("generator_updates", float(self.generator_updates), prog_bar=True, batch_size=len(prompts))
+        self.log_dict({**logs, **fake_logs}, prog_bar=True, batch_size=batch_size)
+        self.log("generator_updates", float(self.generator_updates), prog_bar=True, batch_size=batch_size)

@@ -34,7 +34,7 @@ from rdm_lightning.core.schedules_training import (
     sample_beta,
 )
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
-from rdm_lightning.methods.dmd import DMD, DMDConfig
+from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
 from rdm_lightning.methods.lora import add_lora, lora_scale, shared_copy
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
@@ -218,12 +218,12 @@ class DMDR(RewardedMethod, DMD):
         with lora_scale(self.fake_score, CRITIC_ADAPTER, self.dmdr.fake_lora_scale):
             return self.teacher_x0(x_t, level, cond, 1.0, network=self.fake_score)
 
-    def fake_score_loss(self, x0: Tensor, cond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+    def fake_score_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
         """The LoRA critic's loss runs in the teacher's dtype at ``fake_lora_scale``."""
         if not self.dmdr.lora_critic:
-            return super().fake_score_loss(x0, cond, batch)
+            return super().fake_score_loss(x0, state)
         with self.teacher_precision(), lora_scale(self.fake_score, CRITIC_ADAPTER, self.dmdr.fake_lora_scale):
-            return super().fake_score_loss(x0, cond, batch)
+            return super().fake_score_loss(x0, state)
 
     # ---- rewards ----------------------------------------------------------------------------
     def check_rewards(self) -> None:
@@ -249,12 +249,12 @@ class DMDR(RewardedMethod, DMD):
         """The ReFL term of one reward: ``w_m·mean(ReLU(hinge − r_m))`` (scores carry gradients)."""
         return hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
 
-    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+    def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
         """``L_DM`` during the cold start, then ``L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))``."""
-        loss, logs = super().generator_loss(x0, cond, uncond, batch)
+        loss, logs = super().generator_loss(x0, state)
         if self.dmdr.lora_critic:
             logs["train/real_lora_scale"] = self.real_lora_scale()
-        prompts = batch["prompts"]
+        prompts = state.prompts
         images = None
         if not self.in_cold_start():
             images = self.backbone.decode(x0)

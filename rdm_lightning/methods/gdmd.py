@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.backbones.base import Backbone
 from rdm_lightning.core.advantages import (
     clipped_advantage_weights,
     combine_weighted,
@@ -49,7 +49,7 @@ from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
 from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
-from rdm_lightning.methods.dmd import DMDConfig
+from rdm_lightning.methods.dmd import DMDConfig, Iteration
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -303,24 +303,25 @@ class GDMD(GRPOMixin, DMDR):
         """B3 runs GRPO after the cold start; during it the update is B1 with w ≡ 1 (pure DMD)."""
         return self.gdmd.mode == "grpo" and not self.in_cold_start()
 
-    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
+    def training_inputs(self, batch: dict, update_generator: bool) -> Iteration:
         """B3 after the cold start: a generator update rolls the student out with CPS (``GRPOMixin``)."""
         if update_generator and self.in_grpo_phase():
             return self.policy_inputs(batch)
         return super().training_inputs(batch, update_generator)
 
-    def grpo_generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
-        """B3: the PPO loss of the rollout, with advantage ``Σ_m ω_m·Â^m`` of ``R_m(decode(x̃))``,
-        ``x̃ = x − η·g`` at each final sample ``x`` (no gradient through the rewards or g)."""
-        prompts = batch["prompts"]
-        x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), cond, uncond)
+    def grpo_generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
+        """B3: the PPO loss of the rollout ``state.trajectory``, with advantage ``Σ_m ω_m·Â^m`` of
+        ``R_m(decode(x̃))``, ``x̃ = x − η·g`` at each final sample ``x`` (no gradient through the rewards
+        or g)."""
+        prompts = state.prompts
+        x0_real, x0_fake, _ = self.dm_estimates(x0.detach(), state.cond, state.uncond)
         gradient, replaced = self.dm_gradient(x0.detach(), x0_real, x0_fake)
         with torch.no_grad():
             scores = self.rewards.score_all(self.backbone.decode(x0.detach() - self.gdmd.eta * gradient), prompts)
         advantages = combine_weighted(
             {name: self.policy_advantages(r, self.gdmd.group_size) for name, r in scores.items()}, self.gdmd.reward_weights
         )
-        loss, logs = self.policy_loss(batch["trajectory"], cond, advantages)
+        loss, logs = self.policy_loss(state.trajectory, state.cond, advantages)
         logs.update({f"reward/{name}/target": r.mean() for name, r in scores.items()})
         logs.update({
             "train/dmd_grad_abs": gradient.abs().mean(),
@@ -329,13 +330,13 @@ class GDMD(GRPOMixin, DMDR):
         })
         return loss, logs
 
-    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
+    def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
         """``L_B1 = (1/B)·Σ_i w_i·½·mean_pix((x_i − sg(x_i − η·g_i))²)`` (+ B2); w ≡ 1 during the cold start."""
-        prompts = batch["prompts"]
+        prompts = state.prompts
         check_grouped_prompts(prompts, self.gdmd.group_size)
-        if "trajectory" in batch:
-            return self.grpo_generator_loss(x0, cond, uncond, batch)
-        loss_dm, gradient, replaced = self.distribution_matching_loss(x0, cond, uncond)
+        if state.trajectory is not None:
+            return self.grpo_generator_loss(x0, state)
+        loss_dm, gradient, replaced = self.distribution_matching_loss(x0, state.cond, state.uncond)
         direction = self.gdmd.eta * gradient
         logs = {
             "train/loss_dm": loss_dm.detach(),

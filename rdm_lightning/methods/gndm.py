@@ -51,7 +51,7 @@ from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
-from rdm_lightning.methods.dmd import DMDConfig
+from rdm_lightning.methods.dmd import DMDConfig, Iteration
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin, flow_velocity, require_flow
 from rdm_lightning.methods.optim import OptimizerConfig
@@ -202,6 +202,21 @@ class StoredRollout:
         return cls(list(state["prompts"]), trajectory, state["uses"])
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReuseIteration(Iteration):
+    """A generator update that reuses a stored rollout (importance sampling): ``cond``, ``x_in`` and
+    ``level`` are the stored rollout's and ``sample_weights`` its ratios ρ; ``batch`` is still the
+    loader's, whose fresh rollout the critic trains on with ``target=generator``."""
+
+    reused: StoredRollout
+    """The stored rollout the generator trains on."""
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts of the generator's samples: the stored rollout's."""
+        return self.reused.prompts
+
+
 class GNDM(GRPOMixin, DMDR):
     """GNDM (no rewards) or GNDMR (rewards): group-normalised DMD with R_dm advantages and reward directions.
 
@@ -331,14 +346,15 @@ class GNDM(GRPOMixin, DMDR):
         return gradient, rdm, sum(replaced)
 
     # ---- the generator loss -----------------------------------------------------------------
-    def generator_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning, batch: dict) -> tuple[Tensor, dict]:
-        """``(1/B)·Σ_i w_i·ℓ_i(h_i)`` (+ DMDR's hinge under ``refl_sum``), see the module docstring."""
-        prompts = list(batch["prompts"])
+    def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
+        """``(1/B)·Σ_i w_i·ℓ_i(h_i)`` (+ DMDR's hinge under ``refl_sum``), see the module docstring;
+        under importance sampling ``w_i`` includes ``state.sample_weights`` (ρ_i)."""
+        prompts = list(state.prompts)
         group_size = self.gndm.group_size
         check_grouped_prompts(prompts, group_size)
         if self.gndm.mode == "grpo":
-            return self.grpo_generator_loss(x0, cond, uncond, prompts, batch["trajectory"])
-        gradient, rdm, replaced = self.dm_direction(x0.detach(), cond, uncond)
+            return self.grpo_generator_loss(x0, state)
+        gradient, rdm, replaced = self.dm_direction(x0.detach(), state.cond, state.uncond)
         logs = {
             "train/rdm_scalar": rdm.mean(),
             "train/dmd_grad_abs": gradient.abs().mean(),
@@ -376,7 +392,7 @@ class GNDM(GRPOMixin, DMDR):
             if advantages
             else None
         )
-        ratios = batch.get("importance_weights")
+        ratios = state.sample_weights
         if ratios is not None:
             weights = ratios if weights is None else weights * ratios
             logs.update({"train/is_ratio_min": ratios.min(), "train/is_ratio_max": ratios.max()})
@@ -394,16 +410,15 @@ class GNDM(GRPOMixin, DMDR):
         logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs
 
-    def grpo_generator_loss(
-        self, x0: Tensor, cond: Conditioning, uncond: Conditioning, prompts: list[str], trajectory: Trajectory
-    ) -> tuple[Tensor, dict]:
-        """A3: GRPO on the rollout with advantage ``Σ_m ω_m·Â^m`` of R_dm (ω = 1) and, after the cold
-        start, every reward (W1), plus ``lambda_path`` × the pathwise GNDM loss.
+    def grpo_generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
+        """A3: GRPO on the rollout ``state.trajectory`` with advantage ``Σ_m ω_m·Â^m`` of R_dm (ω = 1)
+        and, after the cold start, every reward (W1), plus ``lambda_path`` × the pathwise GNDM loss.
 
         ``x0`` is the generator's prediction at the rollout's last input: its final sample, with grad.
         """
+        prompts = list(state.prompts)
         group_size = self.gndm.group_size
-        gradient, rdm, replaced = self.dm_direction(x0.detach(), cond, uncond)
+        gradient, rdm, replaced = self.dm_direction(x0.detach(), state.cond, state.uncond)
         scores, omegas = {DM_REWARD: rdm}, {DM_REWARD: 1.0}
         images = None
         if not self.in_cold_start() and self.rewards is not None:
@@ -411,7 +426,7 @@ class GNDM(GRPOMixin, DMDR):
             scores.update(self.rewards.score_all(images, prompts))
             omegas.update({term.name: term.weight for term in self.reward_terms()})
         advantages = combine_weighted({name: self.policy_advantages(r, group_size) for name, r in scores.items()}, omegas)
-        loss, logs = self.policy_loss(trajectory, cond, advantages)
+        loss, logs = self.policy_loss(state.trajectory, state.cond, advantages)
         logs.update({
             "train/rdm_scalar": rdm.mean(),
             "train/dmd_grad_abs": gradient.abs().mean(),
@@ -465,8 +480,9 @@ class GNDM(GRPOMixin, DMDR):
             return super().generator_input(cond, n)
         return self.prefix_input(self.stochastic_prefix(cond, n, "fake_score"))
 
-    def training_inputs(self, batch: dict, update_generator: bool) -> tuple[dict, Conditioning, Tensor, Tensor]:
-        """``mode=grpo``: a generator update rolls out with CPS. Under IS a generator update reuses the stored rollout while it has uses left, else rolls out and stores."""
+    def training_inputs(self, batch: dict, update_generator: bool) -> Iteration:
+        """``mode=grpo``: a generator update rolls out with CPS. Under IS a generator update reuses the
+        stored rollout while it has uses left (a :class:`ReuseIteration`), else rolls out and stores (ρ = 1)."""
         if self.gndm.mode == "grpo" and update_generator:
             return self.policy_inputs(batch)
         config = self.importance_sampling
@@ -479,29 +495,38 @@ class GNDM(GRPOMixin, DMDR):
             stored.uses += 1
             if stored.uses >= config.reuses:
                 self.stored_rollout = None
-            reused = {"prompts": stored.prompts, "importance_weights": ratios}
-            if config.target == "fake_score":
-                reused["fake_score_weights"] = ratios
-            else:
-                reused["fresh_batch"] = batch
-            return reused, cond, *self.prefix_input(stored.trajectory)
+            x_in, level = self.prefix_input(stored.trajectory)
+            return ReuseIteration(
+                batch=batch, update_generator=True, cond=cond,
+                uncond=self.backbone.empty_conditioning(len(stored.prompts)), x_in=x_in, level=level,
+                sample_weights=ratios, critic_weights=ratios if config.target == "fake_score" else None,
+                reused=stored,
+            )
         prompts = list(batch["prompts"])
         cond = self.backbone.encode_prompts(prompts)
         trajectory = self.stochastic_prefix(cond, len(prompts), "generator")
         if config.reuses > 1:
             self.stored_rollout = StoredRollout(prompts, trajectory)
-        fresh = {**batch, "importance_weights": torch.ones(len(prompts), device=self.device)}
-        return fresh, cond, *self.prefix_input(trajectory)
+        x_in, level = self.prefix_input(trajectory)
+        return Iteration(
+            batch=batch, update_generator=True, cond=cond, uncond=self.backbone.empty_conditioning(len(prompts)),
+            x_in=x_in, level=level, sample_weights=torch.ones(len(prompts), device=self.device),
+        )
 
-    def critic_inputs(self, batch: dict, cond: Conditioning, x0: Tensor) -> tuple[dict, Conditioning, Tensor]:
+    def critic_inputs(self, state: Iteration, x0: Tensor) -> tuple[Iteration, Tensor]:
         """On a reuse iteration with ``target=generator`` the critic gets a fresh rollout of the incoming batch."""
-        fresh = batch.get("fresh_batch")
-        if fresh is None:
-            return batch, cond, x0
-        cond = self.backbone.encode_prompts(fresh["prompts"])
-        x_in, level = self.generator_input(cond, len(fresh["prompts"]))
+        if not isinstance(state, ReuseIteration) or self.importance_sampling.target == "fake_score":
+            return state, x0
+        prompts = state.batch["prompts"]
+        cond = self.backbone.encode_prompts(prompts)
+        x_in, level = self.generator_input(cond, len(prompts))
         with torch.no_grad():
-            return fresh, cond, self.backbone.predict_x0(self.generator, x_in, level, cond)
+            x0 = self.backbone.predict_x0(self.generator, x_in, level, cond)
+        fresh = Iteration(
+            batch=state.batch, update_generator=state.update_generator, cond=cond, uncond=state.uncond, x_in=x_in,
+            level=level,
+        )
+        return fresh, x0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

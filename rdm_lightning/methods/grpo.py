@@ -21,6 +21,7 @@ from rdm_lightning.core.policy import trajectory_policy_loss
 from rdm_lightning.core.schedules import FlowSchedule
 from rdm_lightning.core.stochastic import LOG_PROBS, Trajectory, VelocityFn, stochastic_sample
 from rdm_lightning.methods.base import check_choice, check_finite
+from rdm_lightning.methods.dmd import Iteration
 
 ADVANTAGE_STDS = ("global", "group")
 
@@ -85,19 +86,22 @@ class GRPOMixin:
         if len(self.student_levels()) < 2:
             raise ValueError("mode='grpo' needs a student of >= 2 steps: the last step (into σ = 0) is deterministic")
 
-    def policy_inputs(self, batch: dict) -> tuple[dict, Conditioning, Tensor, Tensor]:
-        """Roll the student out (no grad) and return the batch with its ``trajectory``, and the
+    def policy_inputs(self, batch: dict) -> Iteration:
+        """A generator update's state: the student rolled out (no grad) as its ``trajectory``, and the
         last step's input ``(x_{T−1}, σ_{T−1})``: the generator's prediction there is the final sample."""
-        cond = self.backbone.encode_prompts(batch["prompts"])
-        noise = self.randn((len(batch["prompts"]), *self.backbone.latent_shape))
+        prompts = batch["prompts"]
+        cond = self.backbone.encode_prompts(prompts)
+        noise = self.randn((len(prompts), *self.backbone.latent_shape))
         with torch.no_grad():
             trajectory = stochastic_sample(
                 flow_velocity(self.backbone, self.generator, cond), noise, self.student_levels(), "cps",
                 {"eta": self.grpo.eta}, generator=self.rng, log_prob=self.grpo.log_prob,
             )
         x_in = trajectory.latents[-2]
-        level = trajectory.sigmas[-2].to(x_in).expand(len(x_in))
-        return {**batch, "trajectory": trajectory}, cond, x_in, level
+        return Iteration(
+            batch=batch, update_generator=True, cond=cond, uncond=self.backbone.empty_conditioning(len(prompts)),
+            x_in=x_in, level=trajectory.sigmas[-2].to(x_in).expand(len(x_in)), trajectory=trajectory,
+        )
 
     def policy_advantages(self, rewards: Tensor, group_size: int) -> Tensor:
         """Group advantages of per-trajectory rewards (mean over the group; global or group std; clipped)."""

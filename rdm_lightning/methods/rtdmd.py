@@ -17,7 +17,7 @@ One Lightning ``training_step`` is one RL iteration (the spec's "epoch"), on one
         noise subgrpo_step_noise(prompts, S, e) (same for the K images of a prompt on every rank); the
         last step (into σ = 0) is deterministic. Latents and cps_simplified log-probs are stored.
     rewards r_m(decode(x̂0)) of the final x̂0 (no grad); gold rewards are logged only
-    fake score: ONE step of L_F = L_ADSM + γ·L_cons on the stored final x̂0 (σ_s = 0)   (ACDMD's loss)
+    fake score: ONE step of L_F = L_ADSM + γ·L_cons on the stored final x̂0 (σ_s = 0)   (ACDMD.critic_loss)
     advantages: rtdmd_advantages over the gathered batch (per-reward group-centred / global std, Σ ω_m,
         global renormalisation), zero-advantage samples masked (below), clipped to ±5
     generator: ONE step of
@@ -92,7 +92,7 @@ from rdm_lightning.core.rtdmd import rtdmd_advantages, subgrpo_step_noise, subgr
 from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.acdmd import SIGMA_S_KEY, ACDMD, ACDMDConfig
+from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
 from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
 from rdm_lightning.methods.dmd import DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity
@@ -445,7 +445,7 @@ class RTDMD(RewardedMethod, ACDMD):
         logs.update(self.gold_reward_logs(x0, prompts, images))
         with self.trainable_role("fake_score"):
             sigma_s = torch.zeros(len(prompts), dtype=torch.float64, device=x0.device)
-            loss_fake, fake_logs = self.fake_score_loss(x0, cond, {**batch, SIGMA_S_KEY: sigma_s})
+            loss_fake, fake_logs = self.critic_loss(x0, sigma_s, cond)
             self.step_role("fake_score", loss_fake)
         advantages, adv_logs = self.rollout_advantages(scores)
         with self.trainable_role("generator"):
