@@ -16,9 +16,14 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from rdm_lightning import runs
+
+# The configs' fields carry their documentation as attribute docstrings (a string under each
+# field); with this, `--help` shows it beside every option.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 TOOL_COMMANDS = ("sample", "evaluate", "export", "slurm")
 

@@ -217,15 +217,23 @@ def _unknown_option_message(option: str, class_path: str | None) -> str:
 
 
 def _init_parameters(class_path: str) -> list[str]:
-    """The constructor's parameter names of the class at ``class_path``; none if it cannot be imported."""
+    """The constructor's parameter names of the class at ``class_path``, following ``**kwargs`` up the
+    classes it is passed to (the methods' shared arguments); none if it cannot be imported."""
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
-        # __init__'s, not the class's: a metaclass __call__ (e.g. the rewards') hides the parameters.
-        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        names: list[str] = []
+        for klass in cls.__mro__:
+            # __init__'s, not the class's: a metaclass __call__ (e.g. the rewards') hides the parameters.
+            if "__init__" not in vars(klass):
+                continue
+            parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+            names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
+            if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+                break
     except (ImportError, AttributeError, ValueError, TypeError):
         return []
-    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names
 
 
 def _union_alternatives(error: BaseException) -> list[str]:

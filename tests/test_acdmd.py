@@ -70,8 +70,7 @@ def fix_step(module: ACDMD, k: int) -> None:
     "kwargs, message",
     [({"eta": 1.5}, "eta must lie in"), ({"consistency_weight": -0.1}, "consistency_weight"),
      ({"consistency_max_delta": 0}, "consistency_max_delta"), ({"renoise_clamp": (980.0, 20.0)}, "renoise_clamp"),
-     ({"adsm_weight_cap": 0.0}, "adsm_weight_cap"), ({"lora_rank": 2.5}, "lora_rank must be an integer >= 0"),
-     ({"lora_alpha": 0.0}, "lora_alpha must be > 0, got 0.0")],
+     ({"adsm_weight_cap": 0.0}, "adsm_weight_cap")],
 )
 def test_config_names_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -27,6 +27,35 @@ def test_print_config_works_for_every_shipped_config(config, capsys, monkeypatch
     assert printed["model"]["class_path"].startswith("rdm_lightning.methods.")
 
 
+METHOD_CLASSES = ("DMD", "DMDR", "GNDM", "GDMD", "ACDMD", "RTDMD")
+SHARED_ARGUMENTS = ("generator_optimizer", "fake_score_optimizer", "student", "teacher_sampling", "teacher_dtype",
+                    "seed", "max_generator_updates")
+METHOD_DEFAULTS = {"RTDMD": {"generator_optimizer", "fake_score_optimizer"}}
+"""Shared arguments a method re-declares because its defaults differ (RTDMD's optimizers)."""
+
+
+@pytest.mark.parametrize("name", METHOD_CLASSES)
+def test_shared_arguments_are_declared_once_and_documented_in_help(name, capsys):
+    import inspect
+
+    import rdm_lightning.methods as methods
+    from rdm_lightning.methods.base import DistillationModule
+
+    declared = set(inspect.signature(getattr(methods, name).__init__).parameters)
+    assert declared & set(SHARED_ARGUMENTS) == METHOD_DEFAULTS.get(name, set())
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", name])
+    text = " ".join(capsys.readouterr().out.split())
+    base_doc = " ".join(inspect.getdoc(DistillationModule).split())
+    for argument in SHARED_ARGUMENTS:
+        assert f"--model.{argument} " in text or f"--model.{argument}." in text, argument
+    # The base's docstring for a scalar argument, and a config field's attribute docstring.
+    seed_doc = base_doc.split("seed: ", 1)[1].split(";", 1)[0]
+    assert seed_doc in text
+    assert "--model.generator_optimizer.lr LR Learning rate after warm-up." in text
+    assert "--model.student.step_rule STEP_RULE Between steps:" in text
+
+
 def digits_config(tmp_path: Path, teacher: Path, **model_overrides) -> Path:
     config = {
         "seed_everything": 0,

@@ -418,7 +418,7 @@ def test_all_nonfinite_dmd_gradient_stops_the_run(tiny_digits_teacher, monkeypat
         (DMDRConfig, "dynadg_scale"), (GNDMConfig, "adv_kappa"), (GNDMConfig, "lambda_path"),
         (ImportanceSamplingConfig, "noise_level"), (GDMDConfig, "eta"), (GDMDConfig, "kappa"),
         (GDMDConfig, "w_max"), (GDMDConfig, "b2_weight"), (GRPOConfig, "advantage_clip"),
-        (ACDMDConfig, "consistency_weight"), (ACDMDConfig, "lora_alpha"), (RTDMDConfig, "advantage_clip"),
+        (ACDMDConfig, "consistency_weight"), (RTDMDConfig, "advantage_clip"),
         (RTDMDConfig, "backprop_hinge"),
     ],
 )

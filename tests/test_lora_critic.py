@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from rdm_lightning.backbones import DigitsBackbone
 from rdm_lightning.data import DigitsDataModule
 from rdm_lightning.methods import DMDR, DMDConfig, DMDRConfig, OptimizerConfig, RoleAwareAdamW
-from rdm_lightning.methods.dmdr import CRITIC_ADAPTER
+from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from rdm_lightning.methods.lora import add_lora, lora_layers, lora_scale, shared_copy
 from iterations import loss_state
 from reward_doubles import CountingReward
@@ -28,13 +28,14 @@ from reward_doubles import CountingReward
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*LeafSpec")
 
 PROMPTS = ["a handwritten digit 2", "a handwritten digit 5", "a handwritten digit 8"]
+CRITIC_ADAPTER = "fake_score"
+"""The critic is the fake score's role adapter, named after the role."""
 S_R0, K_DG = 0.5, 8
 
 
 def make_lora_dmdr(teacher: Path, *, teacher_dtype: str = "float32", ratio: int = 1, **overrides) -> DMDR:
     config = dict(
-        cold_start_updates=100, reward_weights={"counting": 0.5}, critic="lora_on_teacher", critic_lora_rank=4,
-        critic_lora_alpha=4, dynadg_scale=S_R0, dynadg_updates=K_DG,
+        cold_start_updates=100, reward_weights={"counting": 0.5}, dynadg_scale=S_R0, dynadg_updates=K_DG,
     )
     config.update(overrides)
     optimizer = OptimizerConfig(lr=1e-3)
@@ -42,6 +43,7 @@ def make_lora_dmdr(teacher: Path, *, teacher_dtype: str = "float32", ratio: int 
         DigitsBackbone(str(teacher)), rewards=[CountingReward()], dmdr=DMDRConfig(**config),
         dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=ratio, norm_eps=1e-8),
         generator_optimizer=optimizer, fake_score_optimizer=optimizer, teacher_dtype=teacher_dtype,
+        roles=RolesConfig(fake_score=RoleConfig(layout="shared_lora", rank=4, alpha=4)),
     )
 
 
@@ -76,11 +78,8 @@ def trainer(**kwargs) -> L.Trainer:
 @pytest.mark.parametrize(
     "kwargs,shown",
     [
-        (dict(dynadg_scale=0.5, dynadg_updates=10), "'full_copy'"),
-        (dict(critic="lora_on_teacher", dynadg_scale=0.5, dynadg_updates=0), "dynadg_updates > 0 (got 0)"),
-        (dict(critic="lora"), "'lora'"),
-        (dict(critic="lora_on_teacher", critic_lora_rank=0), "critic_lora_rank"),
-        (dict(critic="lora_on_teacher", fake_lora_scale=0.0), "fake_lora_scale"),
+        (dict(dynadg_scale=0.5, dynadg_updates=0), "dynadg_updates > 0 (got 0)"),
+        (dict(fake_lora_scale=0.0), "fake_lora_scale"),
         (dict(dynadg_scale=-0.1), "-0.1"),
     ],
 )
@@ -92,11 +91,12 @@ def test_config_rejects_bad_critic_settings(kwargs, shown):
 
 def test_default_critic_is_the_full_copy(tiny_digits_teacher):
     config = DMDRConfig()
-    assert (config.critic, config.dynadg_scale, config.dynadg_updates) == ("full_copy", 0.0, 0)
-    assert (config.critic_lora_rank, config.critic_lora_alpha, config.fake_lora_scale) == (32, 32, 2.0)
+    assert (config.fake_lora_scale, config.dynadg_scale, config.dynadg_updates) == (None, 0.0, 0)
     module = DMDR(DigitsBackbone(str(tiny_digits_teacher)), rewards=[CountingReward()],
                   dmdr=DMDRConfig(reward_weights={"counting": 1.0}))
     assert not lora_layers(module.fake_score) and module.real_lora_scale() == 0.0
+    assert module.roles.fake_score.layout == "full"
+    assert make_lora_dmdr(tiny_digits_teacher).fake_lora_scale == 2.0  # the paper's, when the critic is a LoRA
     assert all(p.requires_grad for p in module.fake_score.parameters())
 
 
@@ -128,9 +128,13 @@ def test_at_init_real_and_fake_are_the_teacher_and_g_is_zero_check_3(tiny_digits
     with torch.no_grad():
         for w in (1.0, 1.5):
             assert torch.equal(module.real_x0(x, level, cond, w, uncond), teacher_x0(x, level, cond, w, uncond))
+        assert calls == [module.fake_score] * 2  # the real score ran through the LoRA'd copy at s_r0
+        del module.teacher_x0
+        critic_runs = []
+        hook = module.fake_score.register_forward_hook(lambda *_: critic_runs.append(True))
         assert torch.equal(module.fake_x0(x, level, cond), teacher_x0(x, level, cond, 1.0))
-    assert calls == [module.fake_score] * 3  # the LoRA'd copy really ran (at s_r0, then at 2.0)
-    del module.teacher_x0
+        hook.remove()
+    assert len(critic_runs) == 1  # ... and the fake score is the LoRA'd copy at 2.0
     x0_real, x0_fake, scale = module.dm_estimates(x, cond, uncond, guidance_scale=1.0)
     gradient, _ = module.dm_gradient(x, x0_real, x0_fake)
     assert scale == 1.0 and torch.equal(gradient, torch.zeros_like(gradient))
@@ -311,7 +315,7 @@ def test_missing_peft_is_a_clear_import_error(tiny_digits_teacher, monkeypatch):
 
 def test_a_backbone_without_lora_targets_is_refused(tiny_digits_teacher, monkeypatch):
     monkeypatch.setattr(DigitsBackbone, "lora_target_modules", None)
-    with pytest.raises(ValueError, match="DigitsBackbone declares no"):
+    with pytest.raises(ValueError, match="the backbone declares no lora_target_modules"):
         make_lora_dmdr(tiny_digits_teacher)
 
 

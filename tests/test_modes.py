@@ -12,6 +12,7 @@ from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule
 from rdm_lightning.callbacks.ema import GeneratorEMA
 from rdm_lightning.methods import DMD, DMDR, DMDConfig, DMDRConfig, OptimizerConfig
 from rdm_lightning.methods.base import StudentConfig, eval_mode
+from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from reward_doubles import CountingReward
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*LeafSpec")
@@ -122,8 +123,8 @@ def test_lora_critic_trains_in_train_mode_while_the_teacher_it_shares_weights_wi
     pytest.importorskip("peft")
     module = DMDR(
         DigitsBackbone(str(tiny_digits_teacher)), rewards=[CountingReward()],
-        dmdr=DMDRConfig(reward_weights={"counting": 0.5}, critic="lora_on_teacher", critic_lora_rank=4,
-                        critic_lora_alpha=4),
+        dmdr=DMDRConfig(reward_weights={"counting": 0.5}),
+        roles=RolesConfig(fake_score=RoleConfig(layout="shared_lora", rank=4, alpha=4)),
         dmd=DMDConfig(norm_eps=1e-8), generator_optimizer=OptimizerConfig(lr=1e-3),
         fake_score_optimizer=OptimizerConfig(lr=1e-3),
     )

@@ -28,6 +28,7 @@ from rdm_lightning.core.stochastic import step_log_prob
 from rdm_lightning.data.digits import DigitsDataModule
 from rdm_lightning.methods import ACDMD, ACDMDConfig, DMDConfig, OptimizerConfig, StudentConfig
 from rdm_lightning.methods.grpo import flow_velocity
+from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from rdm_lightning.methods.rtdmd import (
     RTDMD,
     RTDMDConfig,
@@ -53,7 +54,7 @@ def rewards():
 
 def make_rtdmd(teacher: Path, stage1: Path | None = None, *, lr: float = 1e-3, seed: int = 0, reward_list=None,
                gold=None, max_generator_updates=None, num_steps: int = 4, acdmd: ACDMDConfig = ACDMDConfig(),
-               **config) -> RTDMD:
+               roles: RolesConfig = RolesConfig(), **config) -> RTDMD:
     optimizer = OptimizerConfig(lr=lr)
     return RTDMD(
         DigitsBackbone(path=str(teacher)),
@@ -68,6 +69,7 @@ def make_rtdmd(teacher: Path, stage1: Path | None = None, *, lr: float = 1e-3, s
         student=StudentConfig(num_steps=num_steps),
         seed=seed,
         max_generator_updates=max_generator_updates,
+        roles=roles,
     )
 
 
@@ -159,8 +161,11 @@ def test_bad_stage1_checkpoints_are_refused_clearly(tiny_digits_teacher, tmp_pat
     torch.save({"state_dict": {"generator.conv1.base_layer.weight": torch.zeros(1),
                                "generator.conv1.lora_A.default.weight": torch.zeros(1),
                                "fake_score.conv1.weight": torch.zeros(1)}}, tmp_path / "lora.ckpt")
-    with pytest.raises(ValueError, match="LoRA weights but its hyperparameters name no acdmd.lora_rank"):
+    with pytest.raises(ValueError, match="LoRA weights for the generator, but its hyperparameters give roles.generator no LoRA"):
         make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt")
+    with pytest.raises(ValueError, match=r"roles \['fake_score'\] are shared_lora, whose base is the teacher's"):
+        make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt",
+                   roles=RolesConfig(fake_score=RoleConfig(layout="shared_lora", rank=2)))
 
 
 def test_non_differentiable_optimized_reward_is_refused(tiny_digits_teacher):
@@ -406,7 +411,8 @@ def test_stage2_checkpoint_loads_without_the_stage1_file(tiny_digits_teacher, st
 
 
 # ---- LoRA roles (docs/methods/rtdmd.md, "LoRA roles"): stage-1 adapters merged, fresh ones trained -----
-LORA = ACDMDConfig(lora_rank=4, lora_alpha=8.0)
+LORA = RolesConfig(generator=RoleConfig(layout="lora", rank=4, alpha=8.0),
+                   fake_score=RoleConfig(layout="lora", rank=4, alpha=8.0))
 
 
 def network_output(network: torch.nn.Module, teacher: Path) -> torch.Tensor:
@@ -422,7 +428,7 @@ def lora_stage1_checkpoint(tiny_digits_teacher, tmp_path_factory) -> Path:
     """A stage-1 ACDMD checkpoint with role LoRAs (rank 4, α 8) after two iterations."""
     torch.manual_seed(0)
     module = ACDMD(
-        DigitsBackbone(path=str(tiny_digits_teacher)), acdmd=LORA,
+        DigitsBackbone(path=str(tiny_digits_teacher)), roles=LORA,
         dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=1),
         generator_optimizer=OptimizerConfig(lr=1e-2), fake_score_optimizer=OptimizerConfig(lr=1e-2),
         student=StudentConfig(num_steps=4),
@@ -438,21 +444,19 @@ def test_acdmd_lora_trains_only_the_adapters(tiny_digits_teacher, lora_stage1_ch
     state = stage1_state(lora_stage1_checkpoint, "generator.")
     fake = stage1_state(lora_stage1_checkpoint, "fake_score.")
     teacher = DigitsBackbone(path=str(tiny_digits_teacher)).load_denoiser().state_dict()
+    module = ACDMD(DigitsBackbone(path=str(tiny_digits_teacher)), roles=LORA)
     for role_state, adapter in ((state, "generator"), (fake, "fake_score")):
+        # The checkpoint holds the adapters only (the frozen base is rebuilt), and their B moved off 0.
         lora_keys = [k for k in role_state if "lora_" in k]
-        assert lora_keys and all(f".{adapter}." in k for k in lora_keys)
-        # Base weights bit-identical to the pretrained network; the adapters' B moved off 0.
-        for key, value in role_state.items():
-            if "lora_" not in key:
-                assert torch.equal(value, teacher[key.replace(".base_layer", "")]), key
+        assert lora_keys and all(f".{adapter}." in k for k in lora_keys) and set(lora_keys) == set(role_state)
         assert any(role_state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)
-    module = ACDMD(DigitsBackbone(path=str(tiny_digits_teacher)), acdmd=LORA)
+        # The base stays bit-identical to the pretrained network.
+        base = {k: v for k, v in getattr(module, adapter).state_dict().items() if "lora_" not in k}
+        assert all(torch.equal(v, teacher[k.replace(".base_layer", "")]) for k, v in base.items())
     owned = module.role_parameters()
     names = {id(p): n for n, p in module.named_parameters()}
     assert all("lora_" in names[id(p)] for params in owned.values() for p in params)
     assert {names[id(p)].split(".")[0] for p in owned["generator"]} == {"generator"}
-    with pytest.raises(ValueError, match="lora_rank must be an integer >= 0"):
-        ACDMDConfig(lora_rank=-1)
 
 
 def test_merge_lora_computes_what_the_adapter_did(tiny_digits_teacher):
@@ -481,10 +485,11 @@ def test_stage2_merges_stage1_adapters_and_starts_from_stage1_networks(
     stage1 = {}
     for role, prefix in (("generator", "generator_ema."), ("fake_score", "fake_score.")):
         network = add_lora(backbone.load_denoiser(), backbone.lora_target_modules, 4, 8.0, role)
-        network.load_state_dict(stage1_state(lora_stage1_checkpoint, prefix))
+        network.load_state_dict(stage1_state(lora_stage1_checkpoint, prefix), strict=False)
         stage1[role] = network_output(network, tiny_digits_teacher)
+    lora = RoleConfig(layout="lora", rank=2, alpha=4.0)
     module = make_rtdmd(tiny_digits_teacher, lora_stage1_checkpoint,
-                        acdmd=ACDMDConfig(lora_rank=2, lora_alpha=4.0) if stage2_lora else ACDMDConfig())
+                        roles=RolesConfig(generator=lora, fake_score=lora) if stage2_lora else RolesConfig())
     assert module.stage1_source == "generator_ema"
     for role in ("generator", "fake_score"):
         # Fresh adapters have B = 0: stage 2 starts from exactly stage 1's (merged) networks.

@@ -80,11 +80,9 @@ from rdm_lightning.core.rtdmd import (
     sample_renoise_sigma,
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
+from rdm_lightning.methods.base import check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
-from rdm_lightning.methods.lora import add_lora, lora_parameters
-from rdm_lightning.methods.optim import OptimizerConfig
 
 @dataclass
 class ACDMDConfig:
@@ -103,18 +101,11 @@ class ACDMDConfig:
     adsm_weight_cap: float = 10.0
     """Cap c of the ambient-DSM weight ``min(1, c·σ_rs²)`` (the reference's ``clamp(1/σ_rs², max=c)``
     applied to ``σ_rs·v``; ``target_formula_move_scale_out: true``)."""
-    lora_rank: int = 0
-    """Rank of the role LoRAs: the generator and the fake score are each their network plus one LoRA,
-    and only the LoRA weights train (``docs/methods/rtdmd.md``, "LoRA roles": rank 32, both roles, both
-    stages). 0 trains full copies (the digits default). Needs peft and the backbone's ``lora_target_modules``."""
-    lora_alpha: float = 64.0
-    """``lora_alpha`` of the role LoRAs (``docs/methods/rtdmd.md``, "LoRA roles": 64); the update is
-    ``(α/r)·B·A``."""
 
     def __post_init__(self):
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"acdmd.eta must lie in [0, 1], got {self.eta}")
-        for name in ("consistency_weight", "adsm_weight_cap", "lora_alpha"):
+        for name in ("consistency_weight", "adsm_weight_cap"):
             check_finite(f"acdmd.{name}", getattr(self, name))
         if self.consistency_weight < 0:
             raise ValueError(f"acdmd.consistency_weight must be >= 0, got {self.consistency_weight}")
@@ -131,11 +122,6 @@ class ACDMDConfig:
         self.renoise_clamp = (low, high)
         if self.adsm_weight_cap <= 0:
             raise ValueError(f"acdmd.adsm_weight_cap must be > 0, got {self.adsm_weight_cap}")
-        if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
-            raise ValueError(f"acdmd.lora_rank must be an integer >= 0 (0 = full copies), got {self.lora_rank}")
-        self.lora_rank = int(self.lora_rank)
-        if self.lora_alpha <= 0:
-            raise ValueError(f"acdmd.lora_alpha must be > 0, got {self.lora_alpha}")
         if self.eta == 0 and self.consistency_weight > 0:
             warnings.warn(
                 "acdmd.eta = 0 makes the consistency transitions deterministic: both samples coincide and "
@@ -181,20 +167,14 @@ class ACDMD(DMD):
 
     Args:
         backbone: model family adapter with a flow schedule (an ε/VP backbone is refused).
-        acdmd: AC-DMD settings (CPS η, consistency γ and Δ, renoise clamp, ADSM weight cap, role LoRAs).
+        acdmd: AC-DMD settings (CPS η, consistency γ and Δ, renoise clamp, ADSM weight cap).
         dmd: the DMD settings AC-DMD shares: ``guidance_scale`` (teacher CFG w of the real velocity),
             ``generator_update_ratio`` (TTUR, 10 in the spec), ``norm_eps`` (0: the spec's
             normaliser) and ``generator_samples`` (``first_step`` trains step 1 only; a ``rollout``
             is refused: the DM loss is at a CPS boundary sample). The DM/fake level ranges are unused
             (t_r follows ``acdmd.renoise_clamp``); a GAN head and ``critic_on_final_step`` are refused.
-        generator_optimizer: AdamW of the generator.
-        fake_score_optimizer: AdamW of the fake score.
-        student: the generator's levels (``num_steps`` / ``levels``); its ``step_rule`` is unused,
-            the student samples with CPS(``acdmd.eta``).
-        teacher_sampling: the teacher's default sampler.
-        teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's random stream.
-        max_generator_updates: stop fit after this many generator updates.
+        **kwargs: the arguments every method shares (:class:`DistillationModule`); of ``student`` only the
+            levels (``num_steps`` / ``levels``) are used: the student samples with CPS(``acdmd.eta``).
     """
 
     def __init__(
@@ -202,13 +182,7 @@ class ACDMD(DMD):
         backbone: Backbone,
         acdmd: ACDMDConfig = ACDMDConfig(),
         dmd: DMDConfig = DMDConfig(),
-        generator_optimizer: OptimizerConfig = OptimizerConfig(),
-        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
-        student: StudentConfig = StudentConfig(),
-        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
-        teacher_dtype: str = "float32",
-        seed: int = 0,
-        max_generator_updates: int | None = None,
+        **kwargs,
     ):
         # Checked before the networks load: CPS steps and ambient renoising are flow-only.
         require_flow(backbone, "AC-DMD")
@@ -222,34 +196,9 @@ class ACDMD(DMD):
             raise ValueError(
                 f"{type(self).__name__} has its own critic batch: dmd.critic_on_final_step=true is not supported"
             )
-        super().__init__(
-            backbone, dmd, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
-            max_generator_updates,
-        )
+        super().__init__(backbone, dmd, **kwargs)
         self.acdmd = acdmd
         self._check_levels()
-        if acdmd.lora_rank:
-            self.attach_role_loras()
-
-    # ---- LoRA roles -------------------------------------------------------------------------
-    def attach_role_loras(self) -> None:
-        """Give the generator and the fake score one fresh LoRA each (adapters named after the roles,
-        Gaussian A seeded by ``seed``, B = 0); their base weights freeze and stay out of the optimizers."""
-        targets = self.backbone.lora_target_modules
-        if targets is None:
-            raise ValueError(
-                f"acdmd.lora_rank={self.acdmd.lora_rank} needs the backbone's lora_target_modules; "
-                f"{type(self.backbone).__name__} declares none (use lora_rank: 0 for full copies)"
-            )
-        for offset, role in enumerate(("generator", "fake_score")):
-            add_lora(getattr(self, role), targets, self.acdmd.lora_rank, self.acdmd.lora_alpha, role, seed=self.seed + offset)
-
-    def role_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """With role LoRAs, each role owns its LoRA weights only."""
-        if not self.acdmd.lora_rank:
-            return super().role_parameters()
-        return {role: [p for m in modules for p in lora_parameters(m)] for role, modules in self.role_modules().items()}
-
     def _check_levels(self) -> None:
         """Every boundary σ_s < 1 must leave a renoise interval: 1000·σ_s + 10 <= clamp max."""
         levels = self.student_levels()

@@ -24,6 +24,14 @@ from torch import Tensor, nn
 from rdm_lightning.backbones.base import Backbone, Conditioning, torch_dtype
 from rdm_lightning.core.sampling import STEP_RULES, few_step_sample
 from rdm_lightning.methods.optim import OptimizerConfig, RoleAwareAdamW, role_param_group
+from rdm_lightning.methods.roles import (
+    RolesConfig,
+    build_role_network,
+    ema_copy,
+    frozen_entry_names,
+    run_under_autocast,
+    trainable_parameters,
+)
 
 TRAINABLE_ROLES = ("generator", "fake_score")
 FROZEN_PREFIXES = ("teacher.", "backbone.", "rewards.", "gold_rewards.")
@@ -119,6 +127,10 @@ class DistillationModule(L.LightningModule):
         max_generator_updates: stop fit after this many generator updates (``None``:
             the trainer's limits). Lightning's ``max_steps`` counts every role's
             optimizer steps, which is rarely what a distillation budget means.
+        roles: how the generator and the fake score hold their networks: ``full`` trainable copies
+            (the default), ``lora`` (own frozen copy + adapter) or ``shared_lora`` (an adapter on the
+            frozen teacher's own weights), with the LoRA's rank, alpha, targets, dropout and an ``init``
+            file (docs/roles.md).
     """
 
     def __init__(
@@ -131,6 +143,7 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: str = "float32",
         seed: int = 0,
         max_generator_updates: int | None = None,
+        roles: RolesConfig = RolesConfig(),
     ):
         super().__init__()
         if max_generator_updates is not None and max_generator_updates < 1:
@@ -146,10 +159,12 @@ class DistillationModule(L.LightningModule):
         self.teacher = backbone.load_denoiser().to(dtype).requires_grad_(False).eval()
         self.teacher_dtype = dtype
         self.seed = seed
-        self.generator = backbone.load_denoiser()
+        self.roles = roles
+        self.generator = self.build_role("generator")
         self.fake_score = self.load_fake_score()
         self.discriminator_head: nn.Module | None = None
         self.generator_ema: nn.Module | None = None
+        self._frozen_role_keys: frozenset[str] | None = None
         self.optimizer_configs = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
         self.student = student
         self.teacher_sampling = teacher_sampling
@@ -228,11 +243,25 @@ class DistillationModule(L.LightningModule):
         return int(self.trainer.strategy.broadcast(value, src=0)) if self._trainer is not None else value
 
     # ---- roles ----------------------------------------------------------------------------
+    def build_role(self, role: str) -> nn.Module:
+        """``role``'s network in its layout (``roles.<role>``, docs/roles.md). An adapter's initialisation is
+        seeded by ``seed`` for the fake score (as DMDR's LoRA critic always was, so its measured runs stand)
+        and ``seed + 1`` for the generator. A ``shared_lora`` role on a reduced-precision teacher runs every
+        forward under the teacher's autocast (its base is the teacher's weights)."""
+        config = self.roles[role]
+        network = build_role_network(
+            role, config, self.backbone.load_denoiser, self.teacher, self.backbone.lora_target_modules,
+            seed=self.seed + (role == "generator"),
+        )
+        if config.layout == "shared_lora" and self.teacher_dtype != torch.float32:
+            run_under_autocast(network, self.teacher_dtype)
+        return network
+
     def load_fake_score(self) -> nn.Module:
-        """The initial fake score (critic), built during ``__init__`` after the teacher: a fresh
-        copy of the pretrained network. A subclass that reads its own config here must set
+        """The initial fake score (critic), built during ``__init__`` after the teacher and the generator:
+        by default :meth:`build_role`. A subclass that reads its own config here must set
         that config before calling ``super().__init__`` (DMDR's LoRA-on-teacher critic)."""
-        return self.backbone.load_denoiser()
+        return self.build_role("fake_score")
 
     def role_modules(self) -> dict[str, list[nn.Module]]:
         """Modules each trainable role's networks are made of."""
@@ -242,11 +271,17 @@ class DistillationModule(L.LightningModule):
     def role_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameters each trainable role's optimizer owns and :meth:`trainable_role` toggles.
 
-        By default every parameter of :meth:`role_modules`. A role may own only part of its
-        modules (DMDR's LoRA critic: its LoRA weights, not the teacher weights it shares);
-        parameters no role owns stay frozen.
+        By default every parameter of :meth:`role_modules`, and only the adapter's of a network in a
+        LoRA layout (``roles``). A role may own only part of its modules (DMDR's LoRA critic: its LoRA
+        weights, not the teacher weights it shares); parameters no role owns stay frozen.
         """
-        return {role: [p for m in modules for p in m.parameters()] for role, modules in self.role_modules().items()}
+        params = {role: [p for m in modules for p in m.parameters()] for role, modules in self.role_modules().items()}
+        for role in TRAINABLE_ROLES:
+            if self.roles[role].adapted:
+                network = getattr(self, role)
+                frozen = {id(p) for p in network.parameters()} - {id(p) for p in trainable_parameters(network, self.roles[role])}
+                params[role] = [p for p in params[role] if id(p) not in frozen]
+        return params
 
     @contextmanager
     def trainable_role(self, role: str) -> Iterator[None]:
@@ -338,7 +373,12 @@ class DistillationModule(L.LightningModule):
     def enable_generator_ema(self) -> nn.Module:
         """Create (once) the frozen EMA copy of the generator; it is checkpointed with the module."""
         if self.generator_ema is None:
-            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+            if self.roles.generator.adapted:
+                # The EMA averages the adapter; its frozen base is the generator's own tensors.
+                self.generator_ema = ema_copy(self.generator)
+            else:
+                self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+            self._frozen_role_keys = None
         return self.generator_ema
 
     @property
@@ -348,9 +388,22 @@ class DistillationModule(L.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def is_frozen_state_key(self, key: str) -> bool:
-        """Whether the state-dict entry ``key`` is frozen and rebuilt at construction
-        (teacher, backbone, rewards), hence left out of checkpoints and refilled on load."""
-        return key.startswith(FROZEN_PREFIXES)
+        """Whether the state-dict entry ``key`` is frozen and rebuilt at construction (teacher, backbone,
+        rewards, and a role's base under a LoRA layout), hence left out of checkpoints and refilled on load."""
+        return key.startswith(FROZEN_PREFIXES) or key in self.frozen_role_keys()
+
+    def frozen_role_keys(self) -> frozenset[str]:
+        """State-dict names of the roles' frozen bases under LoRA layouts (``roles``), the EMA's included
+        (its base is the generator's); computed once the networks are built."""
+        if self._frozen_role_keys is None:
+            keys = set()
+            for role in TRAINABLE_ROLES:
+                names = list(frozen_entry_names(getattr(self, role), self.roles[role]))
+                keys.update(f"{role}.{name}" for name in names)
+                if role == "generator" and self.generator_ema is not None:
+                    keys.update(f"generator_ema.{name}" for name in names)
+            self._frozen_role_keys = frozenset(keys)
+        return self._frozen_role_keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen teacher, backbone and rewards are reloaded from their paths; keep them out.

@@ -22,12 +22,9 @@ from rdm_lightning.core.sampling import backward_simulation_input, few_step_samp
 from rdm_lightning.core.stochastic import Trajectory
 from rdm_lightning.methods.base import (
     DistillationModule,
-    StudentConfig,
-    TeacherSamplingConfig,
     check_finite,
     check_guidance_scale,
 )
-from rdm_lightning.methods.optim import OptimizerConfig
 
 
 GENERATOR_SAMPLES = ("backward_simulation", "first_step", "rollout")
@@ -173,31 +170,17 @@ class DMD(DistillationModule):
     Args:
         backbone: model family adapter (teacher and initial networks).
         dmd: DMD2 loss and schedule settings.
-        generator_optimizer: AdamW of the generator.
-        fake_score_optimizer: AdamW of the fake score and GAN head.
-        student: the generator's sampler (steps, levels, step rule).
-        teacher_sampling: the teacher's default sampler.
-        teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's random stream.
-        max_generator_updates: stop fit after this many generator updates.
+        **kwargs: the arguments every method shares (:class:`DistillationModule`: optimizers, student,
+            teacher sampler and dtype, seed, budget).
     """
 
     def __init__(
         self,
         backbone: Backbone,
         dmd: DMDConfig = DMDConfig(),
-        generator_optimizer: OptimizerConfig = OptimizerConfig(),
-        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
-        student: StudentConfig = StudentConfig(),
-        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
-        teacher_dtype: str = "float32",
-        seed: int = 0,
-        max_generator_updates: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            backbone, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
-            max_generator_updates,
-        )
+        super().__init__(backbone, **kwargs)
         self.dmd = dmd
         if dmd.use_gan:
             channels, height, _ = backbone.feature_shape

@@ -8,20 +8,19 @@ Generator loss at generator update ``u``::
 with DynaRS re-noising (σ ~ Beta(a(u), b(u)) for the DM loss), a real CFG scale
 jittered in ``[w − j, w + j]``, ε_n = 1e-8 and TTUR 5.
 
-The critic (docs/methods/dmdr.md, ``DMDRConfig.critic``):
+The critic is the fake score's role layout (``roles.fake_score``, docs/roles.md, docs/methods/dmdr.md):
 
-- ``full_copy`` (default here): the fake score is a full trainable copy of the teacher, as in DMD2.
-- ``lora_on_teacher`` (the paper's): the fake score is the frozen teacher's own weights plus
-  one LoRA (rank 32, α 32, Gaussian A, B = 0), shared without a second copy of the network.
-  The LoRA's runtime scale picks the role: the fake score runs at ``fake_lora_scale`` (2.0),
-  the real score at DynaDG's ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))`` (docs/methods/dmdr.md), which is
-  the plain adapter-free teacher once ``s_r(u) = 0``. Only the LoRA weights train, and
-  checkpoints hold only them.
+- ``full`` (default here): a full trainable copy of the teacher, as in DMD2.
+- ``shared_lora`` (the paper's critic: rank 32, α 32): the frozen teacher's own weights plus one
+  LoRA, without a second copy of the network. The LoRA's runtime scale picks the role: the fake
+  score runs at ``fake_lora_scale`` (2.0), the real score at DynaDG's ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))``
+  (docs/methods/dmdr.md), which is the plain adapter-free teacher once ``s_r(u) = 0``.
+- ``lora``: the adapter on the fake score's own frozen copy, at ``fake_lora_scale`` (no DynaDG).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,17 +32,15 @@ from rdm_lightning.core.schedules_training import (
     hinge_reward_loss,
     sample_beta,
 )
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
+from rdm_lightning.methods.base import check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
-from rdm_lightning.methods.lora import add_lora, lora_scale, shared_copy
-from rdm_lightning.methods.optim import OptimizerConfig
+from rdm_lightning.methods.lora import lora_scale, set_lora_scale
 from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
 from rdm_lightning.rewards.base import RewardModel, RewardTerm
 
 
-CRITICS = ("full_copy", "lora_on_teacher")
-CRITIC_ADAPTER = "critic"
-"""peft adapter name of the LoRA critic."""
+DEFAULT_FAKE_LORA_SCALE = 2.0
+"""The paper's runtime scale of the LoRA critic in the fake score."""
 
 
 @dataclass
@@ -60,21 +57,14 @@ class DMDRConfig:
     """DynaRS period ``K_rs``: DM re-noising u ~ Beta(1 + 3c, 1 + 0.5c), c = cosine decay over K_rs; 0 = uniform."""
     reward_weights: dict[str, float] = field(default_factory=dict)
     """Weight ``w_m`` of each optimized reward, by reward name; every reward needs one."""
-    critic: Literal["full_copy", "lora_on_teacher"] = "full_copy"
-    """The fake score: ``full_copy``, a full trainable copy of the teacher (DMD2's critic, the
-    default here), or ``lora_on_teacher``, the paper's: one LoRA on the frozen teacher's shared
-    weights, whose runtime scale gives the fake score (``fake_lora_scale``) and the real score
-    (DynaDG); needs peft (the ``lora`` extra)."""
-    critic_lora_rank: int = 32
-    """Rank ``r`` of the critic LoRA (``lora_on_teacher``)."""
-    critic_lora_alpha: float = 32
-    """``lora_alpha`` of the critic LoRA; its update is ``scale·(α/r)·B·A``."""
-    fake_lora_scale: float = 2.0
-    """Runtime LoRA scale of the fake score (``lora_on_teacher``), in its DM estimate and its denoising loss."""
+    fake_lora_scale: float | None = None
+    """Runtime scale of the fake score's LoRA (``roles.fake_score`` in a LoRA layout), in its DM estimate
+    and its denoising loss; ``None``: the paper's 2.0. With a ``full`` fake score there is no LoRA to
+    scale, and setting it is an error."""
     dynadg_scale: float = 0.0
     """DynaDG's ``s_r0``: the real score's LoRA scale at generator update 0, annealed by
     ``s_r(u) = s_r0·½(1 + cos(π·u/K_dg))`` to 0 (the plain teacher) at ``dynadg_updates``;
-    0 = off. Needs ``critic: lora_on_teacher`` (paper: 0.5 text-to-image, 0.75 SiT)."""
+    0 = off. Needs ``roles.fake_score.layout: shared_lora`` (paper: 0.5 text-to-image, 0.75 SiT)."""
     dynadg_updates: int = 0
     """DynaDG period ``K_dg`` in generator updates (paper: 2000, the cold start); ``s_r(u) = 0`` from it on."""
 
@@ -84,33 +74,20 @@ class DMDRConfig:
                 f"cold_start_updates and dynamic_renoise_updates must be >= 0, "
                 f"got {self.cold_start_updates}, {self.dynamic_renoise_updates}"
             )
-        for name in ("reward_hinge", "guidance_jitter", "critic_lora_alpha", "fake_lora_scale", "dynadg_scale"):
+        for name in ("reward_hinge", "guidance_jitter", "dynadg_scale"):
             check_finite(f"dmdr.{name}", getattr(self, name))
         for name, weight in self.reward_weights.items():
             check_finite(f"dmdr.reward_weights[{name!r}]", weight)
         if self.guidance_jitter < 0:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
-        check_choice("critic", self.critic, CRITICS)
-        if self.critic_lora_rank < 1:
-            raise ValueError(f"critic_lora_rank must be >= 1, got {self.critic_lora_rank}")
-        if not (self.critic_lora_alpha > 0 and self.fake_lora_scale > 0):
-            raise ValueError(
-                f"critic_lora_alpha and fake_lora_scale must be > 0, got {self.critic_lora_alpha}, {self.fake_lora_scale}"
-            )
+        if self.fake_lora_scale is not None and not 0 < self.fake_lora_scale < math.inf:
+            raise ValueError(f"dmdr.fake_lora_scale must be a finite number > 0 (or None: 2.0), got {self.fake_lora_scale!r}")
         if not (self.dynadg_scale >= 0 and self.dynadg_updates >= 0):
             raise ValueError(
                 f"dynadg_scale and dynadg_updates must be >= 0, got {self.dynadg_scale}, {self.dynadg_updates}"
             )
-        if self.dynadg_scale > 0 and (self.critic != "lora_on_teacher" or self.dynadg_updates == 0):
-            raise ValueError(
-                f"DynaDG (dynadg_scale={self.dynadg_scale}) scales the critic LoRA on the teacher: it needs "
-                f"critic='lora_on_teacher' (got {self.critic!r}) and dynadg_updates > 0 (got {self.dynadg_updates})"
-            )
-
-    @property
-    def lora_critic(self) -> bool:
-        """Whether the critic is a LoRA on the teacher's shared weights."""
-        return self.critic == "lora_on_teacher"
+        if self.dynadg_scale > 0 and self.dynadg_updates == 0:
+            raise ValueError(f"DynaDG (dynadg_scale={self.dynadg_scale}) anneals over dynadg_updates > 0 (got 0)")
 
 
 class DMDR(RewardedMethod, DMD):
@@ -121,15 +98,10 @@ class DMDR(RewardedMethod, DMD):
         rewards: the optimized rewards; each must be differentiable (ReFL back-propagates through it).
         gold_rewards: rewards that are scored and logged on generator samples, never optimized
             (to make reward hacking visible).
-        dmdr: cold start, hinge, CFG jitter, DynaRS, reward weights, critic kind and DynaDG.
+        dmdr: cold start, hinge, CFG jitter, DynaRS, reward weights, the LoRA critic's scale and DynaDG.
         dmd: DMD2 settings (DMDR uses ε_n = 1e-8, TTUR 5, no GAN).
-        generator_optimizer: AdamW of the generator.
-        fake_score_optimizer: AdamW of the fake score (with the LoRA critic: of its LoRA weights only).
-        student: the generator's sampler.
-        teacher_sampling: the teacher's default sampler.
-        teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's random stream (and of the critic LoRA's initialisation).
-        max_generator_updates: stop fit after this many generator updates.
+        **kwargs: the arguments every method shares (:class:`DistillationModule`), ``roles`` among them:
+            ``roles.fake_score`` in a LoRA layout is the LoRA critic.
     """
 
     def __init__(
@@ -139,66 +111,44 @@ class DMDR(RewardedMethod, DMD):
         gold_rewards: list[RewardModel] | None = None,
         dmdr: DMDRConfig = DMDRConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
-        generator_optimizer: OptimizerConfig = OptimizerConfig(),
-        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
-        student: StudentConfig = StudentConfig(),
-        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
-        teacher_dtype: str = "float32",
-        seed: int = 0,
-        max_generator_updates: int | None = None,
+        **kwargs,
     ):
-        self.dmdr = dmdr  # read by load_fake_score, which DistillationModule.__init__ calls
-        super().__init__(
-            backbone, dmd, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype, seed,
-            max_generator_updates,
-        )
+        self.dmdr = dmdr
+        super().__init__(backbone, dmd, **kwargs)
         if dmd.use_gan:
             raise ValueError(f"{type(self).__name__} trains without a GAN head: set dmd.gan_generator_weight to 0")
+        fake = self.roles.fake_score
+        if dmdr.fake_lora_scale is not None and not fake.adapted:
+            raise ValueError(
+                f"dmdr.fake_lora_scale={dmdr.fake_lora_scale} scales the fake score's LoRA, but roles.fake_score.layout "
+                "is 'full' (no LoRA): it would be ignored. Use layout 'shared_lora' (the paper's critic), or drop it"
+            )
+        if dmdr.dynadg_scale > 0 and fake.layout != "shared_lora":
+            raise ValueError(
+                f"DynaDG (dmdr.dynadg_scale={dmdr.dynadg_scale}) runs the teacher through the critic's LoRA: it needs "
+                f"roles.fake_score.layout 'shared_lora' (got {fake.layout!r})"
+            )
+        if fake.adapted:
+            # The critic rests at its fake scale; DynaDG's real score changes it for one forward only.
+            set_lora_scale(self.fake_score, "fake_score", self.fake_lora_scale)
         self.rewards = weighted_rewards(rewards or [], dmdr.reward_weights)
         self.gold_rewards = nn.ModuleList(gold_rewards or [])
         self.check_rewards()
 
     # ---- critic -----------------------------------------------------------------------------
-    def load_fake_score(self) -> nn.Module:
-        """``full_copy``: a fresh copy of the network. ``lora_on_teacher``: the teacher's own
-        weights (shared, frozen) plus the critic LoRA, resting at ``fake_lora_scale``."""
-        self.shared_critic_keys: frozenset[str] = frozenset()
-        if not self.dmdr.lora_critic:
-            return super().load_fake_score()
-        targets = self.backbone.lora_target_modules
-        if targets is None:
-            raise ValueError(
-                f"critic='lora_on_teacher' needs the backbone's lora_target_modules; {type(self.backbone).__name__} declares none"
-            )
-        config = self.dmdr
-        critic = add_lora(
-            shared_copy(self.teacher), targets, config.critic_lora_rank, config.critic_lora_alpha, CRITIC_ADAPTER,
-            scale=config.fake_lora_scale, seed=self.seed,
-        )
-        teacher = {id(t) for t in (*self.teacher.parameters(), *self.teacher.buffers())}
-        # Entries of the critic that are the teacher's tensors: frozen, out of checkpoints.
-        self.shared_critic_keys = frozenset(
-            f"fake_score.{name}"
-            for name, t in (*critic.named_parameters(), *critic.named_buffers())
-            if id(t) in teacher
-        )
-        return critic
+    @property
+    def fake_lora_scale(self) -> float:
+        """Runtime scale of the LoRA critic (``dmdr.fake_lora_scale``, default 2.0)."""
+        return DEFAULT_FAKE_LORA_SCALE if self.dmdr.fake_lora_scale is None else self.dmdr.fake_lora_scale
 
-    def role_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """With the LoRA critic, the fake score owns its LoRA weights only, never the teacher's."""
-        params = super().role_parameters()
-        if self.dmdr.lora_critic:
-            teacher = {id(p) for p in self.teacher.parameters()}
-            params["fake_score"] = [p for p in params["fake_score"] if id(p) not in teacher]
-        return params
-
-    def is_frozen_state_key(self, key: str) -> bool:
-        """Also the LoRA critic's shared teacher weights: its checkpoint entries are the LoRA alone."""
-        return super().is_frozen_state_key(key) or key in self.shared_critic_keys
+    @property
+    def dynadg(self) -> bool:
+        """Whether the real score can run through the critic's LoRA (it sits on the teacher's weights)."""
+        return self.roles.fake_score.layout == "shared_lora"
 
     def real_lora_scale(self) -> float:
-        """DynaDG's ``s_r(u)`` at the current generator update (0 without the LoRA critic)."""
-        if not self.dmdr.lora_critic:
+        """DynaDG's ``s_r(u)`` at the current generator update (0 without a critic on the teacher's weights)."""
+        if not self.dynadg:
             return 0.0
         return dynamic_guidance_scale(self.generator_updates, self.dmdr.dynadg_scale, self.dmdr.dynadg_updates)
 
@@ -208,22 +158,8 @@ class DMDR(RewardedMethod, DMD):
         scale = self.real_lora_scale()
         if scale == 0.0:
             return super().real_x0(x_t, level, cond, guidance_scale, uncond)
-        with lora_scale(self.fake_score, CRITIC_ADAPTER, scale):
+        with lora_scale(self.fake_score, "fake_score", scale):
             return self.teacher_x0(x_t, level, cond, guidance_scale, uncond, network=self.fake_score)
-
-    def fake_x0(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
-        """The LoRA critic runs in the teacher's dtype at ``fake_lora_scale``, without CFG."""
-        if not self.dmdr.lora_critic:
-            return super().fake_x0(x_t, level, cond)
-        with lora_scale(self.fake_score, CRITIC_ADAPTER, self.dmdr.fake_lora_scale):
-            return self.teacher_x0(x_t, level, cond, 1.0, network=self.fake_score)
-
-    def fake_score_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
-        """The LoRA critic's loss runs in the teacher's dtype at ``fake_lora_scale``."""
-        if not self.dmdr.lora_critic:
-            return super().fake_score_loss(x0, state)
-        with self.teacher_precision(), lora_scale(self.fake_score, CRITIC_ADAPTER, self.dmdr.fake_lora_scale):
-            return super().fake_score_loss(x0, state)
 
     # ---- rewards ----------------------------------------------------------------------------
     def check_rewards(self) -> None:
@@ -252,7 +188,7 @@ class DMDR(RewardedMethod, DMD):
     def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
         """``L_DM`` during the cold start, then ``L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))``."""
         loss, logs = super().generator_loss(x0, state)
-        if self.dmdr.lora_critic:
+        if self.dynadg:
             logs["train/real_lora_scale"] = self.real_lora_scale()
         prompts = state.prompts
         images = None

@@ -48,11 +48,10 @@ from rdm_lightning.core.advantages import (
 from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
 from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
+from rdm_lightning.methods.base import check_choice, check_finite
 from rdm_lightning.methods.dmd import DMDConfig, Iteration
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin
-from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel
 
 MODES = ("weighted", "grpo")
@@ -171,13 +170,7 @@ class GDMD(GRPOMixin, DMDR):
             (ω_m of the advantages, and of the rewards' B2 terms).
         grpo: rollouts and PPO loss of ``gdmd.mode=grpo`` (B3).
         dmd: DMD2 settings (GDMD uses ε_n = 1e-8, TTUR 5, no GAN).
-        generator_optimizer: AdamW of the generator.
-        fake_score_optimizer: AdamW of the fake score.
-        student: the generator's sampler.
-        teacher_sampling: the teacher's default sampler.
-        teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's random stream.
-        max_generator_updates: stop fit after this many generator updates.
+        **kwargs: the arguments every method shares (:class:`DistillationModule`).
     """
 
     def __init__(
@@ -188,13 +181,7 @@ class GDMD(GRPOMixin, DMDR):
         gdmd: GDMDConfig = GDMDConfig(),
         grpo: GRPOConfig = GRPOConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
-        generator_optimizer: OptimizerConfig = OptimizerConfig(),
-        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
-        student: StudentConfig = StudentConfig(),
-        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
-        teacher_dtype: str = "float32",
-        seed: int = 0,
-        max_generator_updates: int | None = None,
+        **kwargs,
     ):
         # B3's GRPO rollouts hand the generator one step's input: no gradient through a rollout.
         if dmd.generator_samples == "rollout" and gdmd.mode == "grpo":
@@ -209,10 +196,7 @@ class GDMD(GRPOMixin, DMDR):
             dynamic_renoise_updates=gdmd.dynamic_renoise_updates,
             reward_weights=dict(gdmd.reward_weights),
         )
-        super().__init__(
-            backbone, rewards, gold_rewards, dmdr, dmd, generator_optimizer, fake_score_optimizer, student,
-            teacher_sampling, teacher_dtype, seed, max_generator_updates,
-        )
+        super().__init__(backbone, rewards, gold_rewards, dmdr, dmd, **kwargs)
         self.gdmd = gdmd
         self.grpo = grpo
         if gdmd.mode == "grpo":

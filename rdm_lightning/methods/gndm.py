@@ -50,11 +50,10 @@ from rdm_lightning.core.group_dmd import (
 from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_choice, check_finite
+from rdm_lightning.methods.base import check_choice, check_finite
 from rdm_lightning.methods.dmd import DMDConfig, Iteration
 from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin, flow_velocity, require_flow
-from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.rewards.base import RewardModel, RewardTerm
 
 NORMALIZERS = ("group_mean", "per_sample")
@@ -232,13 +231,7 @@ class GNDM(GRPOMixin, DMDR):
         dmdr: DMDR substrate: cold start (N0 of every reward term), hinge (``refl_sum``), CFG
             jitter, DynaRS, and ``reward_weights``: per reward, ω_m (W1), λ_m^max (W2) or w_m (hinge).
         dmd: DMD2 settings (ε_n = 1e-8, TTUR 5, no GAN).
-        generator_optimizer: AdamW of the generator.
-        fake_score_optimizer: AdamW of the fake score.
-        student: the generator's sampler.
-        teacher_sampling: the teacher's default sampler.
-        teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's random stream.
-        max_generator_updates: stop fit after this many generator updates.
+        **kwargs: the arguments every method shares (:class:`DistillationModule`).
     """
 
     def __init__(
@@ -251,13 +244,7 @@ class GNDM(GRPOMixin, DMDR):
         grpo: GRPOConfig = GRPOConfig(),
         dmdr: DMDRConfig = DMDRConfig(),
         dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
-        generator_optimizer: OptimizerConfig = OptimizerConfig(),
-        fake_score_optimizer: OptimizerConfig = OptimizerConfig(),
-        student: StudentConfig = StudentConfig(),
-        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
-        teacher_dtype: str = "float32",
-        seed: int = 0,
-        max_generator_updates: int | None = None,
+        **kwargs,
     ):
         # GRPO rollouts and IS prefixes hand the generator one step's input: no gradient through a rollout.
         if dmd.generator_samples == "rollout" and (gndm.mode == "grpo" or importance_sampling.enabled):
@@ -266,10 +253,7 @@ class GNDM(GRPOMixin, DMDR):
                 f"gndm.mode={gndm.mode!r} or importance_sampling.enabled={importance_sampling.enabled} "
                 "(use mode 'pathwise' without importance sampling, or generator_samples 'backward_simulation')"
             )
-        super().__init__(
-            backbone, rewards, gold_rewards, dmdr, dmd, generator_optimizer, fake_score_optimizer, student,
-            teacher_sampling, teacher_dtype, seed, max_generator_updates,
-        )
+        super().__init__(backbone, rewards, gold_rewards, dmdr, dmd, **kwargs)
         self.gndm = gndm
         if self.rewards is not None and gndm.reward_combination == "refl_sum":
             self.rewards.require_differentiable()

@@ -2,11 +2,11 @@
 
 - ``add_lora(shared_copy(teacher), ...)``: a structural copy of a frozen network whose parameters
   and buffers *are* the original's (no second copy of the weights), with one LoRA adapter in the
-  copy only (DMDR's ``critic: lora_on_teacher``, docs/methods/dmdr.md). :func:`lora_scale` sets the adapter's runtime
-  scale for a block of code (DMDR: 2.0 for the fake score, ``s_r(u)`` for the real score).
-- :func:`add_lora`, :func:`lora_parameters`, :func:`merge_lora`: RTDMD's LoRA roles
-  (docs/methods/rtdmd.md, "LoRA roles"): each role is its network plus one adapter; stage 2 merges
-  stage 1's adapters into the base weights before training fresh ones, and export merges the last ones.
+  copy only: the ``shared_lora`` role layout (docs/roles.md). :func:`lora_scale` sets the adapter's runtime
+  scale for a block of code (DMDR's critic: 2.0 for the fake score, ``s_r(u)`` for the real score).
+- :func:`add_lora`, :func:`lora_parameters`, :func:`merge_lora`: the ``lora`` layout and RTDMD's
+  stage-1 → stage-2 merge (docs/methods/rtdmd.md, "LoRA roles"): stage 2 merges stage 1's adapters into
+  the base weights before training fresh ones, and export merges the last ones.
 
 peft is an optional dependency (the ``lora`` extra), imported only when a LoRA is built.
 """
@@ -32,7 +32,7 @@ def require_peft():
         import peft
     except ImportError as err:
         raise ImportError(
-            "the LoRA critic (critic: lora_on_teacher) needs peft: `pip install peft` "
+            "LoRA role layouts (roles.<role>.layout: lora / shared_lora) need peft: `pip install peft` "
             "or install this package with the `lora` extra (`pip install rdm-lightning[lora]`)"
         ) from err
     return peft
@@ -84,6 +84,7 @@ def add_lora(
     adapter: str,
     scale: float = 1.0,
     seed: int = 0,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Inject one LoRA adapter into ``network`` in place and freeze everything else; returns ``network``.
 
@@ -91,12 +92,15 @@ def add_lora(
     (names matched as suffixes, or one regex) and is initialised Gaussian: A ~ N(0, 1/r),
     B = 0, so the network computes exactly what it did until B moves. The LoRA weights are
     float32 whatever the base dtype, their initialisation is seeded by ``seed``, and the
-    adapter starts at runtime ``scale``. The base weights are not trainable
+    adapter starts at runtime ``scale``; ``dropout`` is peft's ``lora_dropout`` on the adapter's input
+    (train mode only). The base weights are not trainable
     (``requires_grad`` False); only the LoRA weights are (:func:`lora_parameters`).
     """
     peft = require_peft()
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, init_lora_weights="gaussian"
+    )
     base = {id(t) for t in chain(network.parameters(), network.buffers())}
     # peft initialises the adapter on the CPU before moving it to the base layer's device.
     with torch.random.fork_rng(devices=[]):

@@ -54,12 +54,13 @@ Choices, where the spec leaves room or the library differs from the reference:
   differentiable rewards; with ``backprop_weight: 0`` any reward is accepted (advantages only).
 - **EMA.** The spec's stage-2 EMA, decay ``min((1+n)/(10+n), 0.9)`` every 8 generator updates, is
   :class:`~rdm_lightning.callbacks.GeneratorEMA` with ``decay: 0.9, every_n_updates: 8, warmup: true``.
-- **LoRA** (``acdmd.lora_rank > 0``, ``docs/methods/rtdmd.md``, "LoRA roles"). A stage-1 checkpoint
-  with role LoRAs is merged on load: each role is rebuilt with stage 1's adapter (its checkpoint's
-  ``acdmd.lora_rank``/``lora_alpha``), loaded and folded into its base weights. With ``lora_rank > 0``
+- **LoRA** (``roles`` layouts, ``docs/roles.md``; ``docs/methods/rtdmd.md``, "LoRA roles"). A stage-1
+  checkpoint with LoRA roles is merged on load: each role is rebuilt as stage 1 built it (its
+  checkpoint's ``roles``), its adapter loaded and folded into its base weights. With a ``lora`` layout
   here too, those merged weights become the base of fresh adapters (B = 0, so stage 2 starts from
   exactly stage 1's networks) and only the new adapters train; ``rdm export`` merges them in turn.
-  Full-copy and LoRA stages mix freely.
+  Full and LoRA stages mix freely; ``shared_lora`` cannot take stage 1's weights as its base (that
+  base is the teacher's) and is refused with a stage-1 checkpoint.
 - ``dmd.guidance_scale`` is the teacher CFG of the AC-DMD auxiliary (the stage-1 value);
   ``dmd.generator_update_ratio`` is unused (every iteration updates both roles once) and
   ``dmd.generator_samples`` must stay ``backward_simulation`` (the auxiliary is always at the final step).
@@ -93,12 +94,13 @@ from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
-from rdm_lightning.methods.base import StudentConfig, TeacherSamplingConfig, check_finite
+from rdm_lightning.methods.base import TRAINABLE_ROLES, StudentConfig, check_finite
 from rdm_lightning.methods.dmd import DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity
-from rdm_lightning.methods.lora import add_lora, has_lora_entries, load_base_weights, lora_parameters, merge_lora
+from rdm_lightning.methods.lora import has_lora_entries, load_base_weights, lora_parameters, merge_lora
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
+from rdm_lightning.methods.roles import RoleConfig, build_role_network, frozen_entry_names, stage1_role_config
 from rdm_lightning.rewards.base import RewardModel
 
 STAGE1_ROLES = ("generator", "fake_score")
@@ -209,11 +211,8 @@ class RTDMD(RewardedMethod, ACDMD):
             ``backward_simulation`` (stage 2 draws its own rollouts); the rest is unused.
         generator_optimizer: AdamW of the generator (spec: lr 3e-6, weight decay 1e-4, clip 1.0).
         fake_score_optimizer: AdamW of the fake score (spec: lr 3e-5).
-        student: the generator's levels (T steps; T >= 2 so that a stochastic step exists).
-        teacher_sampling: the teacher's default sampler.
-        teacher_dtype: dtype of the frozen teacher.
-        seed: seed of the module's stream and of the SubGRPO step selection.
-        max_generator_updates: stop fit after this many generator updates (= RL iterations).
+        **kwargs: the other arguments every method shares (:class:`DistillationModule`); ``student`` needs
+            T >= 2 steps so that a stochastic step exists, and one generator update is one RL iteration.
     """
 
     def __init__(
@@ -227,17 +226,13 @@ class RTDMD(RewardedMethod, ACDMD):
         dmd: DMDConfig = DMDConfig(),
         generator_optimizer: OptimizerConfig = OptimizerConfig(lr=3e-6, weight_decay=1e-4, grad_clip=1.0),
         fake_score_optimizer: OptimizerConfig = OptimizerConfig(lr=3e-5, weight_decay=1e-4, grad_clip=1.0),
-        student: StudentConfig = StudentConfig(),
-        teacher_sampling: TeacherSamplingConfig = TeacherSamplingConfig(),
-        teacher_dtype: str = "float32",
-        seed: int = 0,
-        max_generator_updates: int | None = None,
+        **kwargs,
     ):
         # Stage 2 draws its own rollouts; only the default is honoured.
         require_generator_samples(type(self).__name__, dmd, ("backward_simulation",))
         super().__init__(
-            backbone, acdmd, dmd, generator_optimizer, fake_score_optimizer, student, teacher_sampling, teacher_dtype,
-            seed, max_generator_updates,
+            backbone, acdmd, dmd, generator_optimizer=generator_optimizer, fake_score_optimizer=fake_score_optimizer,
+            **kwargs,
         )
         self.rtdmd = rtdmd
         num_steps = len(self.student_levels())
@@ -270,6 +265,12 @@ class RTDMD(RewardedMethod, ACDMD):
         """Initialise the generator from the stage-1 generator EMA (its generator without one) and the fake
         score from the stage-1 fake score, from a ``rdm fit`` checkpoint of ACDMD (``checkpoint["state_dict"]``
         with ``generator.``, ``generator_ema.``, ``fake_score.`` entries; frozen parts are not stored there)."""
+        shared = [role for role in TRAINABLE_ROLES if self.roles[role].layout == "shared_lora"]
+        if shared:
+            raise ValueError(
+                f"stage1_checkpoint becomes the base weights of each role, but roles {shared} are shared_lora, whose "
+                "base is the teacher's: use layout 'lora' (stage 1's network plus a fresh adapter) or 'full'"
+            )
         path = require_path(path, "stage1_checkpoint (the RTDMD stage-1 ACDMD checkpoint)")
         if not path.is_file():
             raise FileNotFoundError(f"stage1_checkpoint {str(path)!r} is not a file; pass the .ckpt of the stage-1 run")
@@ -300,18 +301,27 @@ class RTDMD(RewardedMethod, ACDMD):
         self.stage1_source = source
 
     def _merged_stage1_weights(self, entries: dict, role: str, hparams: dict, path: Path) -> dict[str, Tensor]:
-        """The plain weights of a stage-1 LoRA role: its network rebuilt with stage 1's adapter
-        (``acdmd.lora_rank``/``lora_alpha`` of the checkpoint's hyperparameters), loaded, then merged."""
-        stage1 = hparams.get("acdmd")
-        rank, alpha = (stage1.get("lora_rank"), stage1.get("lora_alpha")) if isinstance(stage1, dict) else (
-            getattr(stage1, "lora_rank", None), getattr(stage1, "lora_alpha", None))
-        if not rank:
+        """The plain weights of a stage-1 role in a LoRA layout: the role rebuilt as stage 1 built it (its
+        ``roles.<role>`` from the checkpoint's hyperparameters), on its own copy of the pretrained weights
+        (a ``shared_lora`` one too, so the merge never touches this module's teacher), its adapter loaded
+        from ``entries``, then merged (docs/roles.md)."""
+        stage1 = stage1_role_config(hparams, role)
+        if stage1 is None or not stage1.adapted:
             raise ValueError(
-                f"stage1_checkpoint {str(path)!r} holds LoRA weights but its hyperparameters name no "
-                f"acdmd.lora_rank (got {stage1!r}); stage 2 needs stage 1's rank and alpha to merge them"
+                f"stage1_checkpoint {str(path)!r} holds LoRA weights for the {role}, but its hyperparameters give "
+                f"roles.{role} no LoRA layout (got {stage1!r}); stage 2 needs stage 1's rank and alpha to merge them"
             )
-        network = add_lora(self.backbone.load_denoiser(), self.backbone.lora_target_modules, rank, alpha, role)
-        network.load_state_dict(entries, strict=True)
+        own_copy = RoleConfig(
+            layout="lora", rank=stage1.rank, alpha=stage1.alpha, target_modules=stage1.target_modules,
+            init=stage1.init if stage1.layout == "lora" else None,
+        )
+        network = build_role_network(
+            role, own_copy, self.backbone.load_denoiser, self.teacher, self.backbone.lora_target_modules, seed=0
+        )
+        missing, unexpected = network.load_state_dict(entries, strict=False)
+        frozen = set(frozen_entry_names(network, own_copy))
+        if unexpected or set(missing) - frozen:
+            raise RuntimeError(f"unexpected {sorted(unexpected)[:4]}, missing {sorted(set(missing) - frozen)[:4]}")
         return merge_lora(network).state_dict()
 
     def _check_stage1_student(self, hparams: dict, path: Path) -> None:
