@@ -17,6 +17,7 @@ from tqdm import tqdm
 from rdm_lightning.data.prompts import load_prompts
 from rdm_lightning.evaluation.grid import save_image_grid
 from rdm_lightning.methods.lora import merged_copy
+from rdm_lightning.methods.roles import diffusers_lora_state, is_lora_file, read_weights
 from rdm_lightning.slurm import add_slurm_parser
 
 
@@ -175,16 +176,35 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def export(args: argparse.Namespace) -> Path:
-    """Write the (EMA) generator, its LoRA merged if it has one, as a model folder its family loads (diffusers for SD).
+    """Write the (EMA) generator, its LoRA merged if it has one, as a model folder its family loads (diffusers for SD);
+    with ``--lora-only``, its adapter alone as a diffusers-format LoRA file on the teacher's weights.
 
     ``--output`` must be a new or empty folder unless ``--overwrite`` is given.
     """
     check_output_folder(args.output, overwrite=args.overwrite)
     module = load_module(args.checkpoint)
+    if args.lora_only:
+        return export_lora(module, args.output)
     generator = merged_copy(module.sampling_generator)
     output = module.backbone.export(generator, args.output, len(module.student_levels()), module.student_levels())
     print(f"exported the student to {output}")
     return output
+
+
+def export_lora(module, output: str | Path) -> Path:
+    """The (EMA) generator's adapter as ``pytorch_lora_weights.safetensors`` (docs/roles.md): a LoRA on the
+    teacher's pipeline, so only a generator whose base is the pretrained network can be written this way."""
+    config = module.roles.generator
+    if not config.adapted:
+        raise ValueError("--lora-only exports the generator's LoRA, but roles.generator.layout is 'full' (no adapter): "
+                         "export the whole student without --lora-only")
+    if config.layout == "lora" and config.init is not None and not is_lora_file(read_weights(config.init, "roles.generator.init")):
+        raise ValueError(f"--lora-only: the generator's base is roles.generator.init {config.init!r}, not the pipeline's "
+                         "own weights, so its LoRA alone would not reproduce it: export the merged student")
+    state = diffusers_lora_state(module.sampling_generator, "generator", module.backbone.lora_file_prefix)
+    path = module.backbone.export_lora(state, output)
+    print(f"exported the generator's LoRA ({len(state) // 2} layers) to {path}")
+    return path
 
 
 def _at_least_one(text: str) -> int:
@@ -235,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output, replacing files of the same name")
+    p.add_argument("--lora-only", action="store_true",
+                   help="write only the generator's LoRA (diffusers format, for the teacher pipeline's load_lora_weights)")
     p.set_defaults(run=export)
 
     add_slurm_parser(commands)

@@ -257,3 +257,56 @@ def test_sd15_dmd_fit_then_export_loads_in_stock_diffusers(tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     teacher = module.backbone.predict_x0(module.teacher, latents, torch.tensor([999]), module.backbone.encode_prompts(["a photo of a cat"]))
     assert not torch.allclose(teacher, ours, atol=1e-4)  # the exported UNet is the trained student
+
+
+def test_sd15_lora_only_export_loads_in_the_stock_pipeline_and_equals_the_merged_export(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tiny_models import make_tiny_sd15
+
+    model = make_tiny_sd15(tmp_path / "sd15")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\n")
+    config = {
+        "seed_everything": 0,
+        "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "max_epochs": -1, "limit_val_batches": 0,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "rdm_lightning.callbacks.RunCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt")}}]},
+        "model": {"class_path": "rdm_lightning.methods.DMD", "init_args": {
+            "backbone": {"class_path": "rdm_lightning.backbones.StableDiffusionBackbone", "init_args": {"path": str(model)}},
+            "max_generator_updates": 2, "dmd": {"generator_update_ratio": 1},
+            "generator_optimizer": {"lr": 1e-2}, "student": {"num_steps": 1, "levels": [999]},
+            "roles": {"generator": {"layout": "shared_lora", "rank": 4, "alpha": 8}}}},
+        "data": {"class_path": "rdm_lightning.data.PromptDataModule", "init_args": {"train_file": str(prompts), "batch_size": 2}},
+    }
+    path = tmp_path / "sd15.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    checkpoint = str(tmp_path / "ckpt" / "last.ckpt")
+    main(["export", "--checkpoint", checkpoint, "--output", str(tmp_path / "merged")])
+    main(["export", "--checkpoint", checkpoint, "--output", str(tmp_path / "lora"), "--lora-only"])
+    assert [p.name for p in (tmp_path / "lora").iterdir()] == ["pytorch_lora_weights.safetensors"]
+
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    teacher = DiffusionPipeline.from_pretrained(model)
+    before = teacher.unet.state_dict()
+    teacher.load_lora_weights(tmp_path / "lora")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, teacher.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 500])
+    with torch.no_grad():
+        ours = merged.unet(latents, t, encoder_hidden_states=text).sample
+        theirs = teacher.unet(latents, t, encoder_hidden_states=text).sample
+        teacher.unet.disable_lora()
+        plain = teacher.unet(latents, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, ours, atol=1e-4)  # the adapter trained, and the file carries it
+    assert all(torch.equal(before[k], v) for k, v in teacher.unet.state_dict().items() if k in before)
+
+
+def test_lora_only_export_of_a_full_generator_is_refused(fitted_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(fitted_run / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "x"),
+              "--lora-only"])
+    assert "--lora-only exports the generator's LoRA, but roles.generator.layout is 'full'" in capsys.readouterr().err

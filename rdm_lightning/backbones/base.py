@@ -111,6 +111,20 @@ class Backbone(nn.Module, ABC):
         """Write the student ``network`` as a loadable model folder."""
         raise NotImplementedError(f"{type(self).__name__} has no export")
 
+    lora_file_prefix: str = ""
+    """Prefix of the denoiser's module names in an exported LoRA file (diffusers: ``unet.`` / ``transformer.``)."""
+
+    def export_lora(self, state: dict[str, Tensor], output_dir: str | Path) -> Path:
+        """Write LoRA weights (diffusers' format, :func:`~rdm_lightning.methods.roles.diffusers_lora_state`) as
+        ``output_dir/pytorch_lora_weights.safetensors``, the file a diffusers pipeline's ``load_lora_weights`` reads."""
+        from safetensors.torch import save_file
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / "pytorch_lora_weights.safetensors"
+        save_file(state, str(path))
+        return path
+
     def _alpha_sigma(self, level: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         return _per_sample(self.schedule.alpha_sigma(level), like)
 

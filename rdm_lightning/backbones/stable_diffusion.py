@@ -96,6 +96,11 @@ class DiffusersBackbone(Backbone):
 
     denoiser_subfolder: str
 
+    @property
+    def lora_file_prefix(self) -> str:
+        """diffusers' LoRA files name the denoiser's modules under its component name."""
+        return f"{self.denoiser_subfolder}."
+
     def __init__(
         self,
         path: str,

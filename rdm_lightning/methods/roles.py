@@ -216,6 +216,23 @@ def frozen_entry_names(network: nn.Module, config: RoleConfig) -> Iterator[str]:
     return (name for name, t in chain(network.named_parameters(), network.named_buffers()) if id(t) not in trainable)
 
 
+def diffusers_lora_state(network: nn.Module, adapter: str, prefix: str = "") -> dict[str, Tensor]:
+    """``adapter``'s weights in diffusers' LoRA format: ``<prefix><module>.lora_A.weight`` and ``.lora_B.weight``,
+    with the adapter's scale (runtime scale · α/r) folded into B, so a loader that assumes ``alpha = rank``
+    (diffusers without adapter metadata) computes exactly ``W + scale·(α/r)·B·A``."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for name, module in network.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            scaling = module.scaling[adapter]
+            state[f"{prefix}{name}.lora_A.weight"] = module.lora_A[adapter].weight.detach().float().contiguous()
+            state[f"{prefix}{name}.lora_B.weight"] = (scaling * module.lora_B[adapter].weight.detach().float()).contiguous()
+    if not state:
+        raise ValueError(f"{type(network).__name__} has no LoRA adapter {adapter!r} to export")
+    return state
+
+
 def ema_copy(network: nn.Module) -> nn.Module:
     """A frozen copy of ``network`` for its EMA whose frozen tensors (an adapter layout's base) are
     ``network``'s own, so the EMA holds a copy of the trained weights only."""
