@@ -321,3 +321,67 @@ def test_shared_lora_on_a_bfloat16_teacher_trains_a_float32_adapter(tiny_digits_
     assert module.role_updates == {"generator": 2, "fake_score": 3}
     assert all(torch.equal(teacher[k], v) for k, v in module.teacher.state_dict().items())
     assert all(p.dtype == torch.float32 for ps in module.role_parameters().values() for p in ps)
+
+
+# ---- precision and gradient checkpointing ----------------------------------------------------------------
+def role_gradients(module: DMD, role: str) -> dict[str, torch.Tensor]:
+    """Gradients of ``role``'s trained weights from one denoising loss (fixed inputs)."""
+    network = getattr(module, role)
+    network.train()
+    backbone = module.backbone
+    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    level = backbone.schedule.levels_from_fraction(torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64))
+    with module.trainable_role(role):
+        backbone.denoising_loss(network, x0, backbone.encode_prompts(PROMPTS), level, noise).backward()
+    return {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("layout", ["full/full", "shared_lora/shared_lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_digits_teacher, layout, monkeypatch):
+    import rdm_lightning.backbones.digits as digits
+
+    recomputed = []
+    monkeypatch.setattr(digits, "checkpoint", lambda *a, **k: recomputed.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
+    generator, fake_score = LAYOUTS[layout]
+    plain = make_dmd(tiny_digits_teacher, layout)
+    checkpointed = make_dmd(tiny_digits_teacher, roles=roles(dict(generator, gradient_checkpointing=True),
+                                                           dict(fake_score, gradient_checkpointing=True)))
+    assert checkpointed.generator.gradient_checkpointing and not checkpointed.teacher.gradient_checkpointing
+    for role in ("generator", "fake_score"):
+        perturbed(plain, role), perturbed(checkpointed, role)
+        ours, theirs = role_gradients(plain, role), role_gradients(checkpointed, role)
+        assert ours.keys() == theirs.keys() and ours
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours), role
+    assert len(recomputed) == 2 * 4  # each role's 4 residual blocks, in the checkpointed module only
+
+
+def test_bfloat16_roles_keep_float32_weights_and_the_teacher_its_own_dtype(tiny_digits_teacher):
+    module = make_dmd(tiny_digits_teacher, roles=roles(dict(precision="bfloat16"),
+                                                       dict(layout="shared_lora", rank=4, precision="bfloat16")))
+    backbone, cond = module.backbone, module.backbone.encode_prompts(PROMPTS)
+    x, level = torch.randn(3, 1, 8, 8), torch.full((3,), 0.5, dtype=torch.float64)
+    for role in ("generator", "fake_score"):
+        assert backbone.network_output(getattr(module, role), x, level, cond).dtype == torch.bfloat16
+    assert backbone.network_output(module.teacher, x, level, cond).dtype == torch.float32
+    teacher = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    trainer(max_steps=4).fit(module, DigitsDataModule(batch_size=8))
+    assert module.role_updates == {"generator": 2, "fake_score": 3}
+    assert all(p.dtype == torch.float32 for ps in module.role_parameters().values() for p in ps)
+    assert all(v.dtype == torch.float32 and torch.equal(teacher[k], v) for k, v in module.teacher.state_dict().items())
+    assert torch.equal(network_output(module, module.teacher),
+                       network_output(module, DigitsBackbone(str(tiny_digits_teacher)).load_denoiser()))
+
+
+def test_precision_and_checkpointing_errors_are_named(tiny_digits_teacher):
+    with pytest.raises(ValueError, match="float16 training needs loss scaling"):
+        RoleConfig(precision="float16")
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
+        RoleConfig(gradient_checkpointing="yes")
+    with pytest.raises(ValueError, match="roles.fake_score.precision='float32', but a shared_lora role's base is the teacher's bfloat16"):
+        make_dmd(tiny_digits_teacher, teacher_dtype="bfloat16",
+                 roles=roles({}, dict(layout="shared_lora", rank=4, precision="float32")))
+    from rdm_lightning.backbones.mixture import MixtureBackbone
+
+    with pytest.raises(ValueError, match="ExactMixtureDenoiser has no enable_gradient_checkpointing"):
+        DMD(MixtureBackbone(), roles=roles(dict(gradient_checkpointing=True), {}))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from rdm_lightning.backbones.base import Backbone, Conditioning, require_path
 from rdm_lightning.cache import cache_dir
@@ -134,16 +135,28 @@ class DigitsDenoiser(nn.Module):
     def embedding(self, timestep: Tensor, text: Tensor) -> Tensor:
         return F.silu(self.time_mlp(timestep_embedding(timestep, self.emb_dim)) + self.text_proj(text))
 
+    gradient_checkpointing = False
+    """Whether each residual block recomputes its activations in the backward pass (while training)."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint each residual block (diffusers' method name, so roles treat every network alike)."""
+        self.gradient_checkpointing = True
+
+    def block(self, block: FiLMResBlock, x: Tensor, emb: Tensor) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, emb, use_reentrant=False)
+        return block(x, emb)
+
     def bottleneck(self, x: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
         """``(skip at 8×8, bottleneck at 4×4)``."""
-        skip = self.down1(self.conv_in(x), emb)
-        return skip, self.mid2(self.mid1(self.downsample(skip), emb), emb)
+        skip = self.block(self.down1, self.conv_in(x), emb)
+        return skip, self.block(self.mid2, self.block(self.mid1, self.downsample(skip), emb), emb)
 
     def forward(self, x: Tensor, timestep: Tensor, text: Tensor) -> Tensor:
         emb = self.embedding(timestep, text)
         skip, h = self.bottleneck(x, emb)
         h = self.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        h = self.up1(torch.cat([h, skip], dim=1), emb)
+        h = self.block(self.up1, torch.cat([h, skip], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

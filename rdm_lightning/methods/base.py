@@ -28,7 +28,9 @@ from rdm_lightning.methods.roles import (
     RolesConfig,
     build_role_network,
     ema_copy,
+    enable_gradient_checkpointing,
     frozen_entry_names,
+    role_dtype,
     run_under_autocast,
     trainable_parameters,
 )
@@ -247,14 +249,18 @@ class DistillationModule(L.LightningModule):
         """``role``'s network in its layout (``roles.<role>``, docs/roles.md). An adapter's initialisation is
         seeded by ``seed`` for the fake score (as DMDR's LoRA critic always was, so its measured runs stand)
         and ``seed + 1`` for the generator. A ``shared_lora`` role on a reduced-precision teacher runs every
-        forward under the teacher's autocast (its base is the teacher's weights)."""
+        forward under the teacher's autocast (its base is the teacher's weights), and any role with
+        ``precision: bfloat16`` under bf16 autocast; ``gradient_checkpointing`` switches on the network's own."""
         config = self.roles[role]
         network = build_role_network(
             role, config, self.backbone.load_denoiser, self.teacher, self.backbone.lora_target_modules,
             seed=self.seed + (role == "generator"),
         )
-        if config.layout == "shared_lora" and self.teacher_dtype != torch.float32:
-            run_under_autocast(network, self.teacher_dtype)
+        dtype = role_dtype(role, config, self.teacher_dtype)
+        if dtype != torch.float32:
+            run_under_autocast(network, dtype)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(role, network)
         return network
 
     def load_fake_score(self) -> nn.Module:

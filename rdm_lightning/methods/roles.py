@@ -27,6 +27,8 @@ from rdm_lightning.methods.lora import add_lora, is_adapter_weight, lora_paramet
 
 LAYOUTS = ("full", "lora", "shared_lora")
 """Accepted ``RoleConfig.layout``."""
+PRECISIONS = ("float32", "bfloat16")
+"""Accepted ``RoleConfig.precision``."""
 DIFFUSERS_PREFIXES = ("unet.", "transformer.")
 """Prefixes diffusers' ``save_lora_weights`` puts before the denoiser's module names."""
 
@@ -47,6 +49,13 @@ class RoleConfig:
     ``lora_target_modules``."""
     dropout: float = 0.0
     """LoRA dropout on the adapter's input (active in train mode only)."""
+    precision: str | None = None
+    """Compute dtype of the role's forward and backward: ``float32``, or ``bfloat16`` (autocast; the trained
+    weights, their gradients and optimizer state stay float32). ``None``: float32, except a ``shared_lora``
+    role on a reduced-precision teacher, which runs in the teacher's dtype (its base is the teacher's weights)."""
+    gradient_checkpointing: bool = False
+    """Recompute the role network's activations in the backward pass instead of storing them (the
+    network's own ``enable_gradient_checkpointing``: diffusers models, the digits denoiser)."""
     init: str | None = None
     """A file to start from: the network's weights (``.safetensors`` or a torch state dict; ``full``,
     and the frozen base of ``lora``), or LoRA weights in diffusers' format (the adapter of ``lora`` and
@@ -56,6 +65,11 @@ class RoleConfig:
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"role layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.precision not in (None, *PRECISIONS):
+            hint = " (float16 training needs loss scaling, which the roles do not do)" if self.precision == "float16" else ""
+            raise ValueError(f"role precision must be one of {PRECISIONS} or None, got {self.precision!r}{hint}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.layout == "full":
             unused = {name: getattr(self, name) for name in ("rank", "alpha", "target_modules") if getattr(self, name) is not None}
             if self.dropout != 0.0:
@@ -238,6 +252,28 @@ def ema_copy(network: nn.Module) -> nn.Module:
     ``network``'s own, so the EMA holds a copy of the trained weights only."""
     memo = {id(t): t for t in chain(network.parameters(), network.buffers()) if not t.requires_grad}
     return copy.deepcopy(network, memo=memo).requires_grad_(False).eval()
+
+
+def role_dtype(role: str, config: RoleConfig, teacher_dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of ``role`` (``RoleConfig.precision``); a ``shared_lora`` role on a reduced-precision
+    teacher can only run in the teacher's dtype, since its base weights are the teacher's."""
+    shared_reduced = config.layout == "shared_lora" and teacher_dtype != torch.float32
+    if config.precision is None:
+        return teacher_dtype if shared_reduced else torch.float32
+    dtype = getattr(torch, config.precision)
+    if shared_reduced and dtype != teacher_dtype:
+        raise ValueError(f"roles.{role}.precision={config.precision!r}, but a shared_lora role's base is the teacher's "
+                         f"{str(teacher_dtype).removeprefix('torch.')} weights: leave precision unset, or use layout 'lora'")
+    return dtype
+
+
+def enable_gradient_checkpointing(role: str, network: nn.Module) -> None:
+    """Switch on the network's own gradient checkpointing (active while it trains), or say it has none."""
+    enable = getattr(network, "enable_gradient_checkpointing", None)
+    if enable is None:
+        raise ValueError(f"roles.{role}.gradient_checkpointing: {type(network).__name__} has no "
+                         "enable_gradient_checkpointing() (diffusers models and the digits denoiser do)")
+    enable()
 
 
 def run_under_autocast(network: nn.Module, dtype: torch.dtype) -> nn.Module:
