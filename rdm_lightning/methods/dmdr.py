@@ -29,14 +29,13 @@ from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.schedules_training import (
     dynamic_guidance_scale,
     dynamic_renoise_beta,
-    hinge_reward_loss,
     sample_beta,
 )
 from rdm_lightning.methods.base import check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
 from rdm_lightning.methods.lora import lora_scale, set_lora_scale
 from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
-from rdm_lightning.rewards.base import RewardModel, RewardTerm
+from rdm_lightning.rewards.base import RewardModel
 
 
 DEFAULT_FAKE_LORA_SCALE = 2.0
@@ -181,10 +180,6 @@ class DMDR(RewardedMethod, DMD):
     def in_cold_start(self) -> bool:
         return self.generator_updates < self.dmdr.cold_start_updates
 
-    def reward_loss(self, scores: Tensor, term: RewardTerm) -> Tensor:
-        """The ReFL term of one reward: ``w_m·mean(ReLU(hinge − r_m))`` (scores carry gradients)."""
-        return hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
-
     def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
         """``L_DM`` during the cold start, then ``L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))``."""
         loss, logs = super().generator_loss(x0, state)
@@ -196,7 +191,7 @@ class DMDR(RewardedMethod, DMD):
             images = self.backbone.decode(x0)
             scores = self.rewards.score_all(images, prompts, with_grad=True)
             for term in self.reward_terms():
-                loss = loss + self.reward_loss(scores[term.name], term)
+                loss = loss + self.reward_loss(scores[term.name], term.weight, self.dmdr.reward_hinge)
                 logs[f"reward/{term.name}"] = scores[term.name].detach().mean()
         logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs

@@ -47,7 +47,7 @@ from rdm_lightning.core.group_dmd import (
     mismatch_scalar,
     weighted_dmd_loss,
 )
-from rdm_lightning.core.schedules_training import cosine_ramp, hinge_reward_loss
+from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import check_choice, check_finite
@@ -389,7 +389,7 @@ class GNDM(GRPOMixin, DMDR):
             differentiable_images = self.backbone.decode(x0)
             for term in hinge_terms:
                 scores = term.reward.score(differentiable_images, prompts, with_grad=True)
-                loss = loss + hinge_reward_loss(scores, term.weight, self.dmdr.reward_hinge)
+                loss = loss + self.reward_loss(scores, term.weight, self.dmdr.reward_hinge)
                 logs[f"reward/{term.name}"] = scores.detach().mean()
         logs.update(self.gold_reward_logs(x0, prompts, images))
         return loss, logs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.rewards.base import RewardModel, RewardTerm, WeightedRewards
 
 
@@ -29,6 +30,14 @@ class RewardedMethod:
     def reward_terms(self) -> tuple[RewardTerm, ...]:
         """The optimized rewards with their weights (none when there are no rewards)."""
         return self.rewards.terms if self.rewards is not None else ()
+
+    def reward_loss(self, scores: Tensor, weight: float, hinge: float) -> Tensor:
+        """The differentiable reward term of every reward-driven method: ``weight·mean(ReLU(hinge − r))`` of
+        ``scores`` (which carry gradients). DMDR and GNDMR (``refl_sum``) pass each reward's scores with its
+        weight and ``dmdr.reward_hinge``; RTDMD its weighted reward sum with ``rtdmd.backprop_weight`` and
+        ``backprop_hinge``. Override this one hook to change the term in all of them
+        (``examples/custom_method.py``)."""
+        return hinge_reward_loss(scores, weight, hinge)
 
     def reward_models(self) -> dict[str, nn.Module]:
         """The optimized rewards by name and the gold ones by ``gold/<name>`` (reward logging and evaluation)."""

@@ -90,7 +90,6 @@ from rdm_lightning.backbones.base import Backbone, Conditioning, require_path
 from rdm_lightning.core.advantages import ADVANTAGE_EPS, gather_batch, normalize_per_reward
 from rdm_lightning.core.policy import trajectory_policy_loss
 from rdm_lightning.core.rtdmd import rtdmd_advantages, subgrpo_step_noise, subgrpo_steps
-from rdm_lightning.core.schedules_training import hinge_reward_loss
 from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
@@ -432,7 +431,7 @@ class RTDMD(RewardedMethod, ACDMD):
             if config.backprop_weight > 0:
                 scores = self.rewards.score_all(self.backbone.decode(x0), rollout.prompts, with_grad=True)
                 total = self.rewards.weighted_sum(scores)
-                loss_bp = hinge_reward_loss(total, config.backprop_weight, config.backprop_hinge)
+                loss_bp = self.reward_loss(total, config.backprop_weight, config.backprop_hinge)
                 loss = loss + loss_bp
                 logs.update({"train/loss_backprop": loss_bp.detach(), "train/reward_sum": total.detach().mean()})
         if config.average_over_steps:
