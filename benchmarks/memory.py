@@ -14,7 +14,8 @@ iterations (each updates both roles) at equal batch. Reported per layout:
 - ``base MB``: the denoiser weights no role trains (the teacher, and a ``lora`` role's own frozen copy),
   each distinct tensor once;
 - ``trainable MB`` and ``optimizer MB`` (AdamW's two moments, after the iterations);
-- ``checkpoint MB``: the file ``Trainer.save_checkpoint`` writes;
+- ``checkpoint MB``: the checkpoint ``Trainer.save_checkpoint`` writes (weights, optimizer state, loops),
+  less the hyperparameters (the backbone object here; ``rdm fit`` saves a few lines of config);
 - ``peak MB``: the process's resident memory at its highest during the iterations, less its resident
   memory before the module was built (imports, the data, the text encoders' and VAE's own folder reads
   excluded), sampled every 5 ms from ``/proc/self/statm``.
@@ -157,7 +158,10 @@ def measure(domain: str, layout: str, iterations: int, batch_size: int, rank: in
     optimizer = sum(t.numel() * t.element_size() for o in trainer.optimizers for s in o.state.values()
                     for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     path = folder / "module.ckpt"
-    trainer.save_checkpoint(path)
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # what Trainer.save_checkpoint writes
+    # ... less the hyperparameters, here the backbone object itself (`rdm fit` saves its config instead).
+    checkpoint.pop("hyper_parameters", None)
+    torch.save(checkpoint, path)
     return {
         "domain": domain, "layout": layout, "base MB": sum(base.values()) / MB, "trainable MB": trainable / MB,
         "optimizer MB": optimizer / MB, "checkpoint MB": path.stat().st_size / MB, "peak MB": (peak - before) / MB,

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from rdm_lightning.backbones import DigitsBackbone
 from rdm_lightning.callbacks import GeneratorEMA
 from rdm_lightning.data import DigitsDataModule
-from rdm_lightning.methods import DMD, DMDR, DMDConfig, DMDRConfig, OptimizerConfig, RoleAwareAdamW
+from rdm_lightning.methods import DMD, DMDR, DMDConfig, DMDRConfig, OptimizerConfig, RoleAwareAdamW, StudentConfig
 from rdm_lightning.methods.lora import lora_layers, merged_copy
 from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 
@@ -385,3 +385,26 @@ def test_precision_and_checkpointing_errors_are_named(tiny_digits_teacher):
 
     with pytest.raises(ValueError, match="ExactMixtureDenoiser has no enable_gradient_checkpointing"):
         DMD(MixtureBackbone(), roles=roles(dict(gradient_checkpointing=True), {}))
+
+
+# ---- settings a method would ignore -----------------------------------------------------------------------
+@pytest.mark.parametrize("method,kwargs,shown", [
+    ("ACDMD", dict(dmd=DMDConfig(dm_level_range=(0.1, 0.9))), "ACDMD does not use {'dmd.dm_level_range': (0.1, 0.9)}"),
+    ("ACDMD", dict(dmd=DMDConfig(fake_level_range=(0.0, 0.5))), "'dmd.fake_level_range'"),
+    ("ACDMD", dict(student=StudentConfig(step_rule="ode")), "ACDMD does not use {'student.step_rule': 'ode'}"),
+    ("RTDMD", dict(dmd=DMDConfig(generator_update_ratio=3)), "RTDMD does not use {'dmd.generator_update_ratio': 3}"),
+])
+def test_settings_a_method_would_ignore_are_errors(tiny_digits_teacher, method, kwargs, shown):
+    import rdm_lightning.methods as methods
+    from rdm_lightning.rewards import StrokeContrastReward
+
+    extra = dict(rewards=[StrokeContrastReward(name="stroke")]) if method == "RTDMD" else {}
+    with pytest.raises(ValueError) as err:
+        getattr(methods, method)(DigitsBackbone(str(tiny_digits_teacher)), **kwargs, **extra)
+    assert shown in str(err.value)
+
+
+def test_a_gan_weight_without_the_gan_head_is_an_error():
+    with pytest.raises(ValueError, match="gan_generator_weight=0 switches the head off"):
+        DMDConfig(gan_discriminator_weight=0.1)
+    DMDConfig(gan_generator_weight=0.5, gan_discriminator_weight=0.1)

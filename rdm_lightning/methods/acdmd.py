@@ -80,7 +80,7 @@ from rdm_lightning.core.rtdmd import (
     sample_renoise_sigma,
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
-from rdm_lightning.methods.base import check_finite
+from rdm_lightning.methods.base import StudentConfig, check_finite, refuse_ignored_settings
 from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 
@@ -171,10 +171,11 @@ class ACDMD(DMD):
         dmd: the DMD settings AC-DMD shares: ``guidance_scale`` (teacher CFG w of the real velocity),
             ``generator_update_ratio`` (TTUR, 10 in the spec), ``norm_eps`` (0: the spec's
             normaliser) and ``generator_samples`` (``first_step`` trains step 1 only; a ``rollout``
-            is refused: the DM loss is at a CPS boundary sample). The DM/fake level ranges are unused
-            (t_r follows ``acdmd.renoise_clamp``); a GAN head and ``critic_on_final_step`` are refused.
+            is refused: the DM loss is at a CPS boundary sample). Setting the DM/fake level ranges is an
+            error (t_r follows ``acdmd.renoise_clamp``), as are a GAN head and ``critic_on_final_step``.
         **kwargs: the arguments every method shares (:class:`DistillationModule`); of ``student`` only the
-            levels (``num_steps`` / ``levels``) are used: the student samples with CPS(``acdmd.eta``).
+            levels (``num_steps`` / ``levels``) are used: the student samples with CPS(``acdmd.eta``), and
+            setting its ``step_rule`` is an error.
     """
 
     def __init__(
@@ -186,6 +187,11 @@ class ACDMD(DMD):
     ):
         # Checked before the networks load: CPS steps and ambient renoising are flow-only.
         require_flow(backbone, "AC-DMD")
+        method = type(self).__name__
+        refuse_ignored_settings(method, "dmd", dmd, ("dm_level_range", "fake_level_range"),
+                                "its renoise level t_r follows acdmd.renoise_clamp")
+        refuse_ignored_settings(method, "student", kwargs.get("student", StudentConfig()), ("step_rule",),
+                                f"the student samples with CPS(acdmd.eta={acdmd.eta})")
         if dmd.use_gan:
             raise ValueError(
                 f"AC-DMD has no GAN head: set dmd.gan_generator_weight=0 (got {dmd.gan_generator_weight})"

@@ -65,6 +65,15 @@ def check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def refuse_ignored_settings(method: str, group: str, config, fields: Sequence[str], reason: str) -> None:
+    """A ValueError naming each of ``fields`` of the dataclass ``config`` (the ``group`` argument) that is set
+    away from its default although ``method`` does not use it, and why (``reason``)."""
+    defaults = type(config)()
+    changed = {f"{group}.{name}": getattr(config, name) for name in fields if getattr(config, name) != getattr(defaults, name)}
+    if changed:
+        raise ValueError(f"{method} does not use {changed} ({reason}): remove them from the config")
+
+
 def check_guidance_scale(name: str, value: float) -> None:
     """The config check of a CFG scale: finite in float32, where the branches are combined
     (a larger scale is inf there, so every guided x̂0 would be NaN)."""

@@ -93,7 +93,7 @@ from rdm_lightning.core.rtdmd import rtdmd_advantages, subgrpo_step_noise, subgr
 from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
-from rdm_lightning.methods.base import TRAINABLE_ROLES, StudentConfig, check_finite
+from rdm_lightning.methods.base import TRAINABLE_ROLES, StudentConfig, check_finite, refuse_ignored_settings
 from rdm_lightning.methods.dmd import DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity
 from rdm_lightning.methods.lora import has_lora_entries, load_base_weights, lora_parameters, merge_lora
@@ -206,8 +206,9 @@ class RTDMD(RewardedMethod, ACDMD):
             from the pretrained network (only for tests and ablations).
         rtdmd: stage-2 settings (group size, SubGRPO, PPO clip, loss weights).
         acdmd: CPS η of rollouts and sampling, and the fake score's consistency γ, as in stage 1.
-        dmd: ``guidance_scale`` is the teacher CFG of the AC-DMD auxiliary; ``generator_samples`` must stay
-            ``backward_simulation`` (stage 2 draws its own rollouts); the rest is unused.
+        dmd: ``guidance_scale`` is the teacher CFG of the AC-DMD auxiliary and ``norm_eps`` its normaliser's ε;
+            ``generator_samples`` must stay ``backward_simulation`` (stage 2 draws its own rollouts), and
+            setting ``generator_update_ratio`` or the level ranges is an error (unused here).
         generator_optimizer: AdamW of the generator (spec: lr 3e-6, weight decay 1e-4, clip 1.0).
         fake_score_optimizer: AdamW of the fake score (spec: lr 3e-5).
         **kwargs: the other arguments every method shares (:class:`DistillationModule`); ``student`` needs
@@ -229,6 +230,8 @@ class RTDMD(RewardedMethod, ACDMD):
     ):
         # Stage 2 draws its own rollouts; only the default is honoured.
         require_generator_samples(type(self).__name__, dmd, ("backward_simulation",))
+        refuse_ignored_settings(type(self).__name__, "dmd", dmd, ("generator_update_ratio",),
+                                "every RL iteration updates the fake score once, then the generator once")
         super().__init__(
             backbone, acdmd, dmd, generator_optimizer=generator_optimizer, fake_score_optimizer=fake_score_optimizer,
             **kwargs,
