@@ -29,7 +29,10 @@ def test_print_config_works_for_every_shipped_config(config, capsys, monkeypatch
 
 METHOD_CLASSES = ("DMD", "DMDR", "GNDM", "GDMD", "ACDMD", "RTDMD")
 SHARED_ARGUMENTS = ("generator_optimizer", "fake_score_optimizer", "student", "teacher_sampling", "teacher_dtype",
-                    "seed", "max_generator_updates")
+                    "seed", "max_generator_updates", "roles")
+CONFIG_ARGUMENTS = ("generator_optimizer", "fake_score_optimizer", "student", "teacher_sampling", "roles")
+"""Shared arguments typed as config dataclasses: the CLI must list their fields (a method reading one from
+``**kwargs`` by name would make jsonargparse treat it as untyped)."""
 METHOD_DEFAULTS = {"RTDMD": {"generator_optimizer", "fake_score_optimizer"}}
 """Shared arguments a method re-declares because its defaults differ (RTDMD's optimizers)."""
 
@@ -49,11 +52,33 @@ def test_shared_arguments_are_declared_once_and_documented_in_help(name, capsys)
     base_doc = " ".join(inspect.getdoc(DistillationModule).split())
     for argument in SHARED_ARGUMENTS:
         assert f"--model.{argument} " in text or f"--model.{argument}." in text, argument
+    for argument in CONFIG_ARGUMENTS:
+        assert f"--model.{argument}." in text, f"{name}: {argument} is not typed in the CLI"
+    assert "--model.roles.generator.layout LAYOUT ``full`` (own trainable copy)" in text
     # The base's docstring for a scalar argument, and a config field's attribute docstring.
     seed_doc = base_doc.split("seed: ", 1)[1].split(";", 1)[0]
     assert seed_doc in text
     assert "--model.generator_optimizer.lr LR Learning rate after warm-up." in text
     assert "--model.student.step_rule STEP_RULE Between steps:" in text
+
+
+def test_the_method_tree_is_flat():
+    """Every method sits at most two levels below DistillationModule (RTDMD: on ACDMD, three); shared
+    behaviour comes in as parts (RewardedMethod, DMDRParts, GRPOMixin), not as a parent to switch off."""
+    import rdm_lightning.methods as methods
+    from rdm_lightning.methods.base import DistillationModule
+
+    def lineage(cls) -> list[str]:
+        return [k.__name__ for k in cls.__mro__ if issubclass(k, DistillationModule)]
+
+    assert {name: lineage(getattr(methods, name)) for name in METHOD_CLASSES} == {
+        "DMD": ["DMD", "DistillationModule"],
+        "DMDR": ["DMDR", "DMD", "DistillationModule"],
+        "GNDM": ["GNDM", "DMD", "DistillationModule"],
+        "GDMD": ["GDMD", "DMD", "DistillationModule"],
+        "ACDMD": ["ACDMD", "DMD", "DistillationModule"],
+        "RTDMD": ["RTDMD", "ACDMD", "DMD", "DistillationModule"],
+    }
 
 
 def digits_config(tmp_path: Path, teacher: Path, **model_overrides) -> Path:
@@ -222,15 +247,10 @@ def test_ensure_digits_teacher_trains_once_into_the_cache(tmp_path, monkeypatch)
     assert backbone.prediction.value == "epsilon" and backbone.path == path
 
 
-def test_sd15_dmd_fit_then_export_loads_in_stock_diffusers(tmp_path):
-    from diffusers import DiffusionPipeline
-
-    from tiny_models import make_tiny_sd15
-    from rdm_lightning.tools import load_module
-
-    model = make_tiny_sd15(tmp_path / "sd15")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a cat\na red car\na bowl of soup\na tree\n")
+def fit_tiny_sd15(tmp_path: Path, model: Path, prompts: list[str], lr: float, **model_args) -> Path:
+    """`rdm fit` of DMD for 2 generator updates (1-step student at t = 999) on a tiny SD1.5; its last.ckpt."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
     config = {
         "seed_everything": 0,
         "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "max_epochs": -1, "limit_val_batches": 0,
@@ -240,13 +260,24 @@ def test_sd15_dmd_fit_then_export_loads_in_stock_diffusers(tmp_path):
         "model": {"class_path": "rdm_lightning.methods.DMD", "init_args": {
             "backbone": {"class_path": "rdm_lightning.backbones.StableDiffusionBackbone", "init_args": {"path": str(model)}},
             "max_generator_updates": 2, "dmd": {"generator_update_ratio": 1},
-            "generator_optimizer": {"lr": 1e-3}, "student": {"num_steps": 1, "levels": [999]}}},
-        "data": {"class_path": "rdm_lightning.data.PromptDataModule", "init_args": {"train_file": str(prompts), "batch_size": 2}},
+            "generator_optimizer": {"lr": lr}, "student": {"num_steps": 1, "levels": [999]}, **model_args}},
+        "data": {"class_path": "rdm_lightning.data.PromptDataModule",
+                 "init_args": {"train_file": str(prompts_file), "batch_size": 2}},
     }
     path = tmp_path / "sd15.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
-    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_sd15_dmd_fit_then_export_loads_in_stock_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tiny_models import make_tiny_sd15
+    from rdm_lightning.tools import load_module
+
+    model = make_tiny_sd15(tmp_path / "sd15")
+    checkpoint = fit_tiny_sd15(tmp_path, model, ["a photo of a cat", "a red car", "a bowl of soup", "a tree"], lr=1e-3)
     main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "export")])
 
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "export")
@@ -265,25 +296,8 @@ def test_sd15_lora_only_export_loads_in_the_stock_pipeline_and_equals_the_merged
     from tiny_models import make_tiny_sd15
 
     model = make_tiny_sd15(tmp_path / "sd15")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a cat\na red car\n")
-    config = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "max_epochs": -1, "limit_val_batches": 0,
-                    "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "rdm_lightning.callbacks.RunCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt")}}]},
-        "model": {"class_path": "rdm_lightning.methods.DMD", "init_args": {
-            "backbone": {"class_path": "rdm_lightning.backbones.StableDiffusionBackbone", "init_args": {"path": str(model)}},
-            "max_generator_updates": 2, "dmd": {"generator_update_ratio": 1},
-            "generator_optimizer": {"lr": 1e-2}, "student": {"num_steps": 1, "levels": [999]},
-            "roles": {"generator": {"layout": "shared_lora", "rank": 4, "alpha": 8}}}},
-        "data": {"class_path": "rdm_lightning.data.PromptDataModule", "init_args": {"train_file": str(prompts), "batch_size": 2}},
-    }
-    path = tmp_path / "sd15.yaml"
-    path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path)])
-    checkpoint = str(tmp_path / "ckpt" / "last.ckpt")
+    roles = {"generator": {"layout": "shared_lora", "rank": 4, "alpha": 8}}
+    checkpoint = str(fit_tiny_sd15(tmp_path, model, ["a photo of a cat", "a red car"], lr=1e-2, roles=roles))
     main(["export", "--checkpoint", checkpoint, "--output", str(tmp_path / "merged")])
     main(["export", "--checkpoint", checkpoint, "--output", str(tmp_path / "lora"), "--lora-only"])
     assert [p.name for p in (tmp_path / "lora").iterdir()] == ["pytorch_lora_weights.safetensors"]

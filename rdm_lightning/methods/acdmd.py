@@ -80,7 +80,7 @@ from rdm_lightning.core.rtdmd import (
     sample_renoise_sigma,
 )
 from rdm_lightning.core.stochastic import cps_step, stochastic_sample
-from rdm_lightning.methods.base import StudentConfig, check_finite, refuse_ignored_settings
+from rdm_lightning.methods.base import check_finite, refuse_ignored_settings
 from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity, require_flow
 
@@ -190,8 +190,6 @@ class ACDMD(DMD):
         method = type(self).__name__
         refuse_ignored_settings(method, "dmd", dmd, ("dm_level_range", "fake_level_range"),
                                 "its renoise level t_r follows acdmd.renoise_clamp")
-        refuse_ignored_settings(method, "student", kwargs.get("student", StudentConfig()), ("step_rule",),
-                                f"the student samples with CPS(acdmd.eta={acdmd.eta})")
         if dmd.use_gan:
             raise ValueError(
                 f"AC-DMD has no GAN head: set dmd.gan_generator_weight=0 (got {dmd.gan_generator_weight})"
@@ -203,6 +201,9 @@ class ACDMD(DMD):
                 f"{type(self).__name__} has its own critic batch: dmd.critic_on_final_step=true is not supported"
             )
         super().__init__(backbone, dmd, **kwargs)
+        # After the base's __init__: the CLI resolves the shared arguments only where they are passed on whole.
+        refuse_ignored_settings(method, "student", self.student, ("step_rule",),
+                                f"the student samples with CPS(acdmd.eta={acdmd.eta})")
         self.acdmd = acdmd
         self._check_levels()
     def _check_levels(self) -> None:

@@ -76,11 +76,6 @@ class DMDConfig:
 
     def __post_init__(self):
         check_guidance_scale("dmd.guidance_scale", self.guidance_scale)
-        if not self.use_gan and self.gan_discriminator_weight != DMDConfig.gan_discriminator_weight:
-            raise ValueError(
-                f"dmd.gan_discriminator_weight={self.gan_discriminator_weight} weights the GAN head's loss, but "
-                "gan_generator_weight=0 switches the head off: set gan_generator_weight > 0, or drop it"
-            )
         if self.fake_guidance_scale != 1.0:
             raise ValueError(
                 f"fake_guidance_scale={self.fake_guidance_scale}: the DMD fake score runs without CFG (1.0 only)"
@@ -108,6 +103,11 @@ class DMDConfig:
             raise ValueError(
                 f"GAN weights must be >= 0, got gan_generator_weight={self.gan_generator_weight}, "
                 f"gan_discriminator_weight={self.gan_discriminator_weight}"
+            )
+        if not self.use_gan and self.gan_discriminator_weight != DMDConfig.gan_discriminator_weight:
+            raise ValueError(
+                f"dmd.gan_discriminator_weight={self.gan_discriminator_weight} weights the GAN head's loss, but "
+                "gan_generator_weight=0 switches the head off: set gan_generator_weight > 0, or drop it"
             )
 
     @property

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rdm_lightning.backbones.base import Backbone, Conditioning
 from rdm_lightning.core.schedules_training import (
@@ -34,7 +34,7 @@ from rdm_lightning.core.schedules_training import (
 from rdm_lightning.methods.base import check_finite
 from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
 from rdm_lightning.methods.lora import lora_scale, set_lora_scale
-from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
+from rdm_lightning.methods.rewarded import RewardedMethod
 from rdm_lightning.rewards.base import RewardModel
 
 
@@ -89,34 +89,20 @@ class DMDRConfig:
             raise ValueError(f"DynaDG (dynadg_scale={self.dynadg_scale}) anneals over dynadg_updates > 0 (got 0)")
 
 
-class DMDR(RewardedMethod, DMD):
-    """DMD2 jointly trained with differentiable rewards (ReFL hinge), after a pure-DMD cold start.
+class DMDRParts:
+    """DMDR's schedules as a part any DMD method can turn on (listed before its base, like ``RewardedMethod``):
+    the reward cold start, DynaRS re-noising of the DM loss, the real score's CFG jitter, the LoRA critic's
+    resting scale and DynaDG (docs/methods/dmdr.md). The method sets ``self.dmdr`` (a :class:`DMDRConfig`)
+    and calls :meth:`setup_dmdr_parts` once DMD's ``__init__`` has built the roles. DMDR, GNDM and GDMD use it."""
 
-    Args:
-        backbone: model family adapter.
-        rewards: the optimized rewards; each must be differentiable (ReFL back-propagates through it).
-        gold_rewards: rewards that are scored and logged on generator samples, never optimized
-            (to make reward hacking visible).
-        dmdr: cold start, hinge, CFG jitter, DynaRS, reward weights, the LoRA critic's scale and DynaDG.
-        dmd: DMD2 settings (DMDR uses ε_n = 1e-8, TTUR 5, no GAN).
-        **kwargs: the arguments every method shares (:class:`DistillationModule`), ``roles`` among them:
-            ``roles.fake_score`` in a LoRA layout is the LoRA critic.
-    """
+    dmdr: DMDRConfig
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        rewards: list[RewardModel] | None = None,
-        gold_rewards: list[RewardModel] | None = None,
-        dmdr: DMDRConfig = DMDRConfig(),
-        dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
-        **kwargs,
-    ):
-        self.dmdr = dmdr
-        super().__init__(backbone, dmd, **kwargs)
-        if dmd.use_gan:
+    def setup_dmdr_parts(self) -> None:
+        """Check the parts' settings against the module (no GAN head; the critic's layout) and rest the
+        LoRA critic at its fake scale."""
+        dmdr, fake = self.dmdr, self.roles.fake_score
+        if self.dmd.use_gan:
             raise ValueError(f"{type(self).__name__} trains without a GAN head: set dmd.gan_generator_weight to 0")
-        fake = self.roles.fake_score
         if dmdr.fake_lora_scale is not None and not fake.adapted:
             raise ValueError(
                 f"dmdr.fake_lora_scale={dmdr.fake_lora_scale} scales the fake score's LoRA, but roles.fake_score.layout "
@@ -130,9 +116,6 @@ class DMDR(RewardedMethod, DMD):
         if fake.adapted:
             # The critic rests at its fake scale; DynaDG's real score changes it for one forward only.
             set_lora_scale(self.fake_score, "fake_score", self.fake_lora_scale)
-        self.rewards = weighted_rewards(rewards or [], dmdr.reward_weights)
-        self.gold_rewards = nn.ModuleList(gold_rewards or [])
-        self.check_rewards()
 
     # ---- critic -----------------------------------------------------------------------------
     @property
@@ -160,13 +143,7 @@ class DMDR(RewardedMethod, DMD):
         with lora_scale(self.fake_score, "fake_score", scale):
             return self.teacher_x0(x_t, level, cond, guidance_scale, uncond, network=self.fake_score)
 
-    # ---- rewards ----------------------------------------------------------------------------
-    def check_rewards(self) -> None:
-        """DMDR back-propagates every reward (ReFL): it needs at least one, all differentiable."""
-        if self.rewards is None:
-            raise ValueError(f"{type(self).__name__} needs at least one reward in `rewards`")
-        self.rewards.require_differentiable()
-
+    # ---- schedules --------------------------------------------------------------------------
     def dm_levels(self, n: int) -> Tensor:
         """DynaRS: ``u ~ Beta(a(u), b(u))`` mapped through the schedule (σ = u without shift)."""
         a, b = dynamic_renoise_beta(self.generator_updates, self.dmdr.dynamic_renoise_updates)
@@ -174,11 +151,48 @@ class DMDR(RewardedMethod, DMD):
         return self.backbone.schedule.levels_from_fraction(u).to(self.device)
 
     def real_guidance_scale(self) -> float:
+        """The real score's CFG scale, jittered in ``[w − j, w + j]`` each generator update."""
         jitter = self.dmdr.guidance_jitter
         return self.dmd.guidance_scale + jitter * (2.0 * float(torch.rand((), generator=self.rng)) - 1.0)
 
     def in_cold_start(self) -> bool:
+        """Whether the reward terms are still off (the first ``dmdr.cold_start_updates`` generator updates)."""
         return self.generator_updates < self.dmdr.cold_start_updates
+
+
+class DMDR(DMDRParts, RewardedMethod, DMD):
+    """DMD2 jointly trained with differentiable rewards (ReFL hinge), after a pure-DMD cold start.
+
+    Args:
+        backbone: model family adapter.
+        rewards: the optimized rewards; each must be differentiable (ReFL back-propagates through it).
+        gold_rewards: rewards that are scored and logged on generator samples, never optimized
+            (to make reward hacking visible).
+        dmdr: cold start, hinge, CFG jitter, DynaRS, reward weights, the LoRA critic's scale and DynaDG.
+        dmd: DMD2 settings (DMDR uses ε_n = 1e-8, TTUR 5, no GAN).
+        **kwargs: the arguments every method shares (:class:`DistillationModule`), ``roles`` among them:
+            ``roles.fake_score`` in a LoRA layout is the LoRA critic.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        rewards: list[RewardModel] | None = None,
+        gold_rewards: list[RewardModel] | None = None,
+        dmdr: DMDRConfig = DMDRConfig(),
+        dmd: DMDConfig = DMDConfig(generator_update_ratio=5, norm_eps=1e-8),
+        **kwargs,
+    ):
+        self.dmdr = dmdr
+        super().__init__(backbone, dmd, **kwargs)
+        self.setup_dmdr_parts()
+        self.setup_rewards(rewards, gold_rewards, dmdr.reward_weights)
+
+    def check_rewards(self) -> None:
+        """DMDR back-propagates every reward (ReFL): it needs at least one, all differentiable."""
+        if self.rewards is None:
+            raise ValueError(f"{type(self).__name__} needs at least one reward in `rewards`")
+        self.rewards.require_differentiable()
 
     def generator_loss(self, x0: Tensor, state: Iteration) -> tuple[Tensor, dict]:
         """``L_DM`` during the cold start, then ``L_DM + Σ_m w_m·mean(ReLU(hinge − r_m))``."""

@@ -49,9 +49,10 @@ from rdm_lightning.core.group_dmd import group_dmd_gradient, weighted_dmd_loss
 from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import check_choice, check_finite
-from rdm_lightning.methods.dmd import DMDConfig, Iteration
-from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
+from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
+from rdm_lightning.methods.dmdr import DMDRConfig, DMDRParts
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin
+from rdm_lightning.methods.rewarded import RewardedMethod
 from rdm_lightning.rewards.base import RewardModel
 
 MODES = ("weighted", "grpo")
@@ -156,7 +157,7 @@ class GDMDConfig:
             raise ValueError(f"guidance_jitter must be >= 0, got {self.guidance_jitter}")
 
 
-class GDMD(GRPOMixin, DMDR):
+class GDMD(GRPOMixin, DMDRParts, RewardedMethod, DMD):
     """DMDR's substrate whose per-sample DMD updates are weighted by group advantages of the
     rewards of the implicit target ``x − η·g`` (B1, docs/methods/gdmd.md), optionally plus their gradient at
     that target (B2).
@@ -196,7 +197,10 @@ class GDMD(GRPOMixin, DMDR):
             dynamic_renoise_updates=gdmd.dynamic_renoise_updates,
             reward_weights=dict(gdmd.reward_weights),
         )
-        super().__init__(backbone, rewards, gold_rewards, dmdr, dmd, **kwargs)
+        self.dmdr = dmdr
+        super().__init__(backbone, dmd, **kwargs)
+        self.setup_dmdr_parts()
+        self.setup_rewards(rewards, gold_rewards, dmdr.reward_weights)
         self.gdmd = gdmd
         self.grpo = grpo
         if gdmd.mode == "grpo":

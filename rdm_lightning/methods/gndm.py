@@ -51,9 +51,10 @@ from rdm_lightning.core.schedules_training import cosine_ramp
 from rdm_lightning.core.stochastic import Trajectory, step_log_prob, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.base import check_choice, check_finite
-from rdm_lightning.methods.dmd import DMDConfig, Iteration
-from rdm_lightning.methods.dmdr import DMDR, DMDRConfig
+from rdm_lightning.methods.dmd import DMD, DMDConfig, Iteration
+from rdm_lightning.methods.dmdr import DMDRConfig, DMDRParts
 from rdm_lightning.methods.grpo import GRPOConfig, GRPOMixin, flow_velocity, require_flow
+from rdm_lightning.methods.rewarded import RewardedMethod
 from rdm_lightning.rewards.base import RewardModel, RewardTerm
 
 NORMALIZERS = ("group_mean", "per_sample")
@@ -216,7 +217,7 @@ class ReuseIteration(Iteration):
         return self.reused.prompts
 
 
-class GNDM(GRPOMixin, DMDR):
+class GNDM(GRPOMixin, DMDRParts, RewardedMethod, DMD):
     """GNDM (no rewards) or GNDMR (rewards): group-normalised DMD with R_dm advantages and reward directions.
 
     Args:
@@ -253,7 +254,10 @@ class GNDM(GRPOMixin, DMDR):
                 f"gndm.mode={gndm.mode!r} or importance_sampling.enabled={importance_sampling.enabled} "
                 "(use mode 'pathwise' without importance sampling, or generator_samples 'backward_simulation')"
             )
-        super().__init__(backbone, rewards, gold_rewards, dmdr, dmd, **kwargs)
+        self.dmdr = dmdr
+        super().__init__(backbone, dmd, **kwargs)
+        self.setup_dmdr_parts()
+        self.setup_rewards(rewards, gold_rewards, dmdr.reward_weights)
         self.gndm = gndm
         if self.rewards is not None and gndm.reward_combination == "refl_sum":
             self.rewards.require_differentiable()

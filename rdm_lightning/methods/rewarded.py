@@ -27,6 +27,17 @@ class RewardedMethod:
     rewards: WeightedRewards | None
     gold_rewards: nn.ModuleList
 
+    def setup_rewards(self, rewards: list[RewardModel] | None, gold_rewards: list[RewardModel] | None,
+                      weights: dict[str, float]) -> None:
+        """Set the optimized rewards with their ``weights`` (one per reward name) and the gold rewards,
+        then :meth:`check_rewards` (what the method needs of them)."""
+        self.rewards = weighted_rewards(list(rewards or []), weights)
+        self.gold_rewards = nn.ModuleList(gold_rewards or [])
+        self.check_rewards()
+
+    def check_rewards(self) -> None:
+        """Raise if the rewards do not suit the method; by default any set of rewards does."""
+
     def reward_terms(self) -> tuple[RewardTerm, ...]:
         """The optimized rewards with their weights (none when there are no rewards)."""
         return self.rewards.terms if self.rewards is not None else ()
