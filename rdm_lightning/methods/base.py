@@ -172,7 +172,7 @@ class DistillationModule(L.LightningModule):
         self.seed = seed
         self.roles = roles
         self.generator = self.build_role("generator")
-        self.fake_score = self.load_fake_score()
+        self.fake_score = self.build_role("fake_score")
         self.discriminator_head: nn.Module | None = None
         self.generator_ema: nn.Module | None = None
         self._frozen_role_keys: frozenset[str] | None = None
@@ -271,12 +271,6 @@ class DistillationModule(L.LightningModule):
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(role, network)
         return network
-
-    def load_fake_score(self) -> nn.Module:
-        """The initial fake score (critic), built during ``__init__`` after the teacher and the generator:
-        by default :meth:`build_role`. A subclass that reads its own config here must set
-        that config before calling ``super().__init__`` (DMDR's LoRA-on-teacher critic)."""
-        return self.build_role("fake_score")
 
     def role_modules(self) -> dict[str, list[nn.Module]]:
         """Modules each trainable role's networks are made of."""

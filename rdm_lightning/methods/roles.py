@@ -94,6 +94,7 @@ class RoleConfig:
 
     @property
     def lora_alpha(self) -> float:
+        """``alpha``, or ``rank`` when unset."""
         return float(self.rank if self.alpha is None else self.alpha)
 
 
@@ -108,10 +109,6 @@ class RolesConfig:
 
     def __getitem__(self, role: str) -> RoleConfig:
         return getattr(self, role)
-
-    @property
-    def all_full(self) -> bool:
-        return not (self.generator.adapted or self.fake_score.adapted)
 
 
 def read_weights(path: str | Path, what: str) -> dict[str, Tensor]:
