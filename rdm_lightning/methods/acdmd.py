@@ -374,10 +374,9 @@ class ACDMD(DMD):
         prompts = batch["prompts"]
         cond = self.backbone.encode_prompts(prompts)
         rollout = self.boundary_rollout(cond, len(prompts))
-        return ACDMDIteration(
-            batch=batch, update_generator=update_generator, cond=cond,
-            uncond=self.backbone.empty_conditioning(len(prompts)), x_in=rollout.x_in, level=rollout.level,
-            rollout=rollout,
+        return self.iteration(
+            ACDMDIteration, batch=batch, update_generator=update_generator, cond=cond, x_in=rollout.x_in,
+            level=rollout.level, rollout=rollout,
         )
 
     def critic_inputs(self, state: ACDMDIteration, x0: Tensor) -> tuple[ACDMDIteration, Tensor]:

@@ -304,13 +304,14 @@ class DMD(DistillationModule):
         A hook: methods that draw their own rollouts (GNDM's importance sampling and GRPO mode, AC-DMD)
         build the generator input, and what their other hooks need, here.
         """
-        prompts = batch["prompts"]
-        cond = self.backbone.encode_prompts(prompts)
-        x_in, level = self.generator_input(cond, len(prompts))
-        return Iteration(
-            batch=batch, update_generator=update_generator, cond=cond,
-            uncond=self.backbone.empty_conditioning(len(prompts)), x_in=x_in, level=level,
-        )
+        cond = self.backbone.encode_prompts(batch["prompts"])
+        x_in, level = self.generator_input(cond, len(cond))
+        return self.iteration(batch=batch, update_generator=update_generator, cond=cond, x_in=x_in, level=level)
+
+    def iteration(self, kind: type[Iteration] = Iteration, **fields) -> Iteration:
+        """An iteration state of ``kind`` from its ``fields``, with the unconditional branch (one empty prompt
+        per sample of ``fields["cond"]``) derived here rather than at every hook that builds one."""
+        return kind(uncond=self.backbone.empty_conditioning(len(fields["cond"])), **fields)
 
     def critic_inputs(self, state: Iteration, x0: Tensor) -> tuple[Iteration, Tensor]:
         """The fake score's state and samples: by default this iteration's, with its detached ``x0``.

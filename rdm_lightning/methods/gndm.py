@@ -484,9 +484,8 @@ class GNDM(GRPOMixin, DMDRParts, RewardedMethod, DMD):
             if stored.uses >= config.reuses:
                 self.stored_rollout = None
             x_in, level = self.prefix_input(stored.trajectory)
-            return ReuseIteration(
-                batch=batch, update_generator=True, cond=cond,
-                uncond=self.backbone.empty_conditioning(len(stored.prompts)), x_in=x_in, level=level,
+            return self.iteration(
+                ReuseIteration, batch=batch, update_generator=True, cond=cond, x_in=x_in, level=level,
                 sample_weights=ratios, critic_weights=ratios if config.target == "fake_score" else None,
                 reused=stored,
             )
@@ -496,9 +495,9 @@ class GNDM(GRPOMixin, DMDRParts, RewardedMethod, DMD):
         if config.reuses > 1:
             self.stored_rollout = StoredRollout(prompts, trajectory)
         x_in, level = self.prefix_input(trajectory)
-        return Iteration(
-            batch=batch, update_generator=True, cond=cond, uncond=self.backbone.empty_conditioning(len(prompts)),
-            x_in=x_in, level=level, sample_weights=torch.ones(len(prompts), device=self.device),
+        return self.iteration(
+            batch=batch, update_generator=True, cond=cond, x_in=x_in, level=level,
+            sample_weights=torch.ones(len(prompts), device=self.device),
         )
 
     def critic_inputs(self, state: Iteration, x0: Tensor) -> tuple[Iteration, Tensor]:

@@ -98,9 +98,9 @@ class GRPOMixin:
                 {"eta": self.grpo.eta}, generator=self.rng, log_prob=self.grpo.log_prob,
             )
         x_in = trajectory.latents[-2]
-        return Iteration(
-            batch=batch, update_generator=True, cond=cond, uncond=self.backbone.empty_conditioning(len(prompts)),
-            x_in=x_in, level=trajectory.sigmas[-2].to(x_in).expand(len(x_in)), trajectory=trajectory,
+        return self.iteration(
+            batch=batch, update_generator=True, cond=cond, x_in=x_in,
+            level=trajectory.sigmas[-2].to(x_in).expand(len(x_in)), trajectory=trajectory,
         )
 
     def policy_advantages(self, rewards: Tensor, group_size: int) -> Tensor:
