@@ -163,9 +163,9 @@ def test_bad_stage1_checkpoints_are_refused_clearly(tiny_digits_teacher, tmp_pat
                                "fake_score.conv1.weight": torch.zeros(1)}}, tmp_path / "lora.ckpt")
     with pytest.raises(ValueError, match="LoRA weights for the generator, but its hyperparameters give roles.generator no LoRA"):
         make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt")
-    with pytest.raises(ValueError, match=r"roles \['fake_score'\] are shared_lora, whose base is the teacher's"):
-        make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt",
-                   roles=RolesConfig(fake_score=RoleConfig(layout="shared_lora", rank=2)))
+    shared = RoleConfig(layout="shared_lora", rank=2)
+    with pytest.raises(ValueError, match="continues stage 1's adapter on the teacher's weights, but .* trained the generator as 'full'"):
+        make_rtdmd(tiny_digits_teacher, tmp_path / "lora.ckpt", roles=RolesConfig(generator=shared, fake_score=shared))
 
 
 def test_non_differentiable_optimized_reward_is_refused(tiny_digits_teacher):
@@ -515,3 +515,27 @@ def test_export_merges_the_generator_lora(tiny_digits_teacher, lora_stage1_check
     assert not any("lora_" in k for k in exported.state_dict())
     torch.testing.assert_close(network_output(exported, tiny_digits_teacher),
                                network_output(module.sampling_generator, tiny_digits_teacher), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_lora_stage2_continues_the_shared_lora_stage1_adapters(tiny_digits_teacher, stage1_checkpoint, tmp_path):
+    shared = RolesConfig(generator=RoleConfig(layout="shared_lora", rank=4), fake_score=RoleConfig(layout="shared_lora", rank=4))
+    torch.manual_seed(0)
+    stage1 = ACDMD(
+        DigitsBackbone(path=str(tiny_digits_teacher)), roles=shared,
+        dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=1),
+        generator_optimizer=OptimizerConfig(lr=1e-2), fake_score_optimizer=OptimizerConfig(lr=1e-2),
+        student=StudentConfig(num_steps=4),
+    )
+    fit = trainer(max_steps=4, callbacks=[GeneratorEMA(decay=0.5)])
+    fit.fit(stage1, DigitsDataModule(batch_size=8))
+    fit.save_checkpoint(tmp_path / "stage1.ckpt")
+    module = make_rtdmd(tiny_digits_teacher, tmp_path / "stage1.ckpt", roles=shared)
+    assert module.stage1_source == "generator_ema"
+    for role, source in (("generator", stage1.generator_ema), ("fake_score", stage1.fake_score)):
+        assert torch.equal(network_output(getattr(module, role), tiny_digits_teacher),
+                           network_output(source, tiny_digits_teacher))
+    teacher = DigitsBackbone(path=str(tiny_digits_teacher)).load_denoiser()
+    assert not torch.equal(network_output(module.generator, tiny_digits_teacher), network_output(teacher, tiny_digits_teacher))
+    # A full stage 1 has no adapter on the teacher to continue.
+    with pytest.raises(ValueError, match="trained the generator as 'full'"):
+        make_rtdmd(tiny_digits_teacher, stage1_checkpoint, roles=shared)

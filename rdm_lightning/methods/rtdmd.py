@@ -59,8 +59,8 @@ Choices, where the spec leaves room or the library differs from the reference:
   checkpoint's ``roles``), its adapter loaded and folded into its base weights. With a ``lora`` layout
   here too, those merged weights become the base of fresh adapters (B = 0, so stage 2 starts from
   exactly stage 1's networks) and only the new adapters train; ``rdm export`` merges them in turn.
-  Full and LoRA stages mix freely; ``shared_lora`` cannot take stage 1's weights as its base (that
-  base is the teacher's) and is refused with a stage-1 checkpoint.
+  Full and LoRA stages mix freely. A ``shared_lora`` role cannot take stage 1's weights as its base (that
+  base is the teacher's): it continues stage 1's own ``shared_lora`` adapter, and refuses any other.
 - ``dmd.guidance_scale`` is the teacher CFG of the AC-DMD auxiliary (the stage-1 value);
   ``dmd.generator_update_ratio`` is unused (every iteration updates both roles once) and
   ``dmd.generator_samples`` must stay ``backward_simulation`` (the auxiliary is always at the final step).
@@ -93,7 +93,7 @@ from rdm_lightning.core.rtdmd import rtdmd_advantages, subgrpo_step_noise, subgr
 from rdm_lightning.core.stochastic import Trajectory, stochastic_sample
 from rdm_lightning.data.groups import check_grouped_prompts
 from rdm_lightning.methods.acdmd import ACDMD, ACDMDConfig
-from rdm_lightning.methods.base import TRAINABLE_ROLES, StudentConfig, check_finite, refuse_ignored_settings
+from rdm_lightning.methods.base import StudentConfig, check_finite, refuse_ignored_settings
 from rdm_lightning.methods.dmd import DMDConfig, require_generator_samples
 from rdm_lightning.methods.grpo import flow_velocity
 from rdm_lightning.methods.lora import has_lora_entries, load_base_weights, lora_parameters, merge_lora
@@ -267,12 +267,6 @@ class RTDMD(RewardedMethod, ACDMD):
         """Initialise the generator from the stage-1 generator EMA (its generator without one) and the fake
         score from the stage-1 fake score, from a ``rdm fit`` checkpoint of ACDMD (``checkpoint["state_dict"]``
         with ``generator.``, ``generator_ema.``, ``fake_score.`` entries; frozen parts are not stored there)."""
-        shared = [role for role in TRAINABLE_ROLES if self.roles[role].layout == "shared_lora"]
-        if shared:
-            raise ValueError(
-                f"stage1_checkpoint becomes the base weights of each role, but roles {shared} are shared_lora, whose "
-                "base is the teacher's: use layout 'lora' (stage 1's network plus a fresh adapter) or 'full'"
-            )
         path = require_path(path, "stage1_checkpoint (the RTDMD stage-1 ACDMD checkpoint)")
         if not path.is_file():
             raise FileNotFoundError(f"stage1_checkpoint {str(path)!r} is not a file; pass the .ckpt of the stage-1 run")
@@ -288,6 +282,9 @@ class RTDMD(RewardedMethod, ACDMD):
             if not entries:
                 raise ValueError(f"stage1_checkpoint {str(path)!r} has no {prefix!r} weights; is it an ACDMD checkpoint?")
             try:
+                if self.roles[role].layout == "shared_lora":
+                    self._continue_stage1_adapter(entries, role, hparams, path)
+                    continue
                 if has_lora_entries(entries):
                     entries = self._merged_stage1_weights(entries, role, hparams, path)
                 network = getattr(self, role)
@@ -301,6 +298,23 @@ class RTDMD(RewardedMethod, ACDMD):
                     f"(same backbone as stage 1?): {err}"
                 ) from err
         self.stage1_source = source
+
+    def _continue_stage1_adapter(self, entries: dict, role: str, hparams: dict, path: Path) -> None:
+        """A ``shared_lora`` role's base is the teacher's, so stage 1's weights cannot become it: the role
+        continues stage 1's own adapter, which must be a ``shared_lora`` one on the same teacher (its rank and
+        targets are checked by loading its weights strictly)."""
+        stage1 = stage1_role_config(hparams, role)
+        if stage1 is None or stage1.layout != "shared_lora":
+            raise ValueError(
+                f"roles.{role}.layout='shared_lora' continues stage 1's adapter on the teacher's weights, but "
+                f"stage1_checkpoint {str(path)!r} trained the {role} as {getattr(stage1, 'layout', 'full')!r}: "
+                "use layout 'lora' (stage 1's network merged, plus a fresh adapter) or 'full'"
+            )
+        network = getattr(self, role)
+        missing, unexpected = network.load_state_dict(entries, strict=False)
+        frozen = set(frozen_entry_names(network, self.roles[role]))
+        if unexpected or set(missing) - frozen:
+            raise RuntimeError(f"unexpected {sorted(unexpected)[:4]}, missing {sorted(set(missing) - frozen)[:4]}")
 
     def _merged_stage1_weights(self, entries: dict, role: str, hparams: dict, path: Path) -> dict[str, Tensor]:
         """The plain weights of a stage-1 role in a LoRA layout: the role rebuilt as stage 1 built it (its
