@@ -183,7 +183,7 @@ def build_role_network(
     targets = config.target_modules if config.target_modules is not None else targets
     if targets is None:
         raise ValueError(f"roles.{role}.layout={config.layout!r} needs target_modules, and the backbone declares "
-                         "no lora_target_modules: set roles.<role>.target_modules")
+                         f"no lora_target_modules: set roles.{role}.target_modules")
     if config.layout == "shared_lora":
         if init is not None and not lora_init:
             raise ValueError(f"roles.{role}.init {config.init!r} holds a network's weights, so the {role}'s network "
