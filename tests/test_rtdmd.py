@@ -423,20 +423,26 @@ def network_output(network: torch.nn.Module, teacher: Path) -> torch.Tensor:
     return flow_velocity(backbone, network, cond)(x, torch.full((2,), 0.6, dtype=torch.float64))
 
 
-@pytest.fixture(scope="module")
-def lora_stage1_checkpoint(tiny_digits_teacher, tmp_path_factory) -> Path:
-    """A stage-1 ACDMD checkpoint with role LoRAs (rank 4, α 8) after two iterations."""
+def train_stage1(teacher: Path, roles: RolesConfig, path: Path) -> ACDMD:
+    """A stage-1 ACDMD with the role layouts ``roles`` after four optimizer steps (EMA 0.5), saved at ``path``."""
     torch.manual_seed(0)
     module = ACDMD(
-        DigitsBackbone(path=str(tiny_digits_teacher)), roles=LORA,
+        DigitsBackbone(path=str(teacher)), roles=roles,
         dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=1),
         generator_optimizer=OptimizerConfig(lr=1e-2), fake_score_optimizer=OptimizerConfig(lr=1e-2),
         student=StudentConfig(num_steps=4),
     )
     fit = trainer(max_steps=4, callbacks=[GeneratorEMA(decay=0.5)])
     fit.fit(module, DigitsDataModule(batch_size=8))
-    path = tmp_path_factory.mktemp("lora_stage1") / "last.ckpt"
     fit.save_checkpoint(path)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lora_stage1_checkpoint(tiny_digits_teacher, tmp_path_factory) -> Path:
+    """A stage-1 ACDMD checkpoint with role LoRAs (rank 4, α 8) after two iterations."""
+    path = tmp_path_factory.mktemp("lora_stage1") / "last.ckpt"
+    train_stage1(tiny_digits_teacher, LORA, path)
     return path
 
 
@@ -519,16 +525,7 @@ def test_export_merges_the_generator_lora(tiny_digits_teacher, lora_stage1_check
 
 def test_shared_lora_stage2_continues_the_shared_lora_stage1_adapters(tiny_digits_teacher, stage1_checkpoint, tmp_path):
     shared = RolesConfig(generator=RoleConfig(layout="shared_lora", rank=4), fake_score=RoleConfig(layout="shared_lora", rank=4))
-    torch.manual_seed(0)
-    stage1 = ACDMD(
-        DigitsBackbone(path=str(tiny_digits_teacher)), roles=shared,
-        dmd=DMDConfig(guidance_scale=1.5, generator_update_ratio=1),
-        generator_optimizer=OptimizerConfig(lr=1e-2), fake_score_optimizer=OptimizerConfig(lr=1e-2),
-        student=StudentConfig(num_steps=4),
-    )
-    fit = trainer(max_steps=4, callbacks=[GeneratorEMA(decay=0.5)])
-    fit.fit(stage1, DigitsDataModule(batch_size=8))
-    fit.save_checkpoint(tmp_path / "stage1.ckpt")
+    stage1 = train_stage1(tiny_digits_teacher, shared, tmp_path / "stage1.ckpt")
     module = make_rtdmd(tiny_digits_teacher, tmp_path / "stage1.ckpt", roles=shared)
     assert module.stage1_source == "generator_ema"
     for role, source in (("generator", stage1.generator_ema), ("fake_score", stage1.fake_score)):

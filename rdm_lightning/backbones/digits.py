@@ -143,6 +143,7 @@ class DigitsDenoiser(nn.Module):
         self.gradient_checkpointing = True
 
     def block(self, block: FiLMResBlock, x: Tensor, emb: Tensor) -> Tensor:
+        """``block(x, emb)``, checkpointed while training with gradient checkpointing on."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, emb, use_reentrant=False)
         return block(x, emb)

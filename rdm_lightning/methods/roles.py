@@ -227,6 +227,16 @@ def frozen_entry_names(network: nn.Module, config: RoleConfig) -> Iterator[str]:
     return (name for name, t in chain(network.named_parameters(), network.named_buffers()) if id(t) not in trainable)
 
 
+def load_trained_entries(network: nn.Module, config: RoleConfig, entries: Mapping[str, Tensor]) -> None:
+    """Load a role checkpoint's entries (its trained weights; the frozen base is left out of checkpoints)
+    into ``network`` in ``config``'s layout: a RuntimeError names any unexpected entry, or a missing one
+    that is not part of the frozen base."""
+    missing, unexpected = network.load_state_dict(entries, strict=False)
+    missing = set(missing) - set(frozen_entry_names(network, config))
+    if unexpected or missing:
+        raise RuntimeError(f"unexpected {sorted(unexpected)[:4]}, missing {sorted(missing)[:4]}")
+
+
 def diffusers_lora_state(network: nn.Module, adapter: str, prefix: str = "") -> dict[str, Tensor]:
     """``adapter``'s weights in diffusers' LoRA format: ``<prefix><module>.lora_A.weight`` and ``.lora_B.weight``,
     with the adapter's scale (runtime scale · α/r) folded into B, so a loader that assumes ``alpha = rank``

@@ -99,7 +99,7 @@ from rdm_lightning.methods.grpo import flow_velocity
 from rdm_lightning.methods.lora import has_lora_entries, load_base_weights, lora_parameters, merge_lora
 from rdm_lightning.methods.optim import OptimizerConfig
 from rdm_lightning.methods.rewarded import RewardedMethod, weighted_rewards
-from rdm_lightning.methods.roles import RoleConfig, build_role_network, frozen_entry_names, stage1_role_config
+from rdm_lightning.methods.roles import RoleConfig, build_role_network, load_trained_entries, stage1_role_config
 from rdm_lightning.rewards.base import RewardModel
 
 STAGE1_ROLES = ("generator", "fake_score")
@@ -310,11 +310,7 @@ class RTDMD(RewardedMethod, ACDMD):
                 f"stage1_checkpoint {str(path)!r} trained the {role} as {getattr(stage1, 'layout', 'full')!r}: "
                 "use layout 'lora' (stage 1's network merged, plus a fresh adapter) or 'full'"
             )
-        network = getattr(self, role)
-        missing, unexpected = network.load_state_dict(entries, strict=False)
-        frozen = set(frozen_entry_names(network, self.roles[role]))
-        if unexpected or set(missing) - frozen:
-            raise RuntimeError(f"unexpected {sorted(unexpected)[:4]}, missing {sorted(set(missing) - frozen)[:4]}")
+        load_trained_entries(getattr(self, role), self.roles[role], entries)
 
     def _merged_stage1_weights(self, entries: dict, role: str, hparams: dict, path: Path) -> dict[str, Tensor]:
         """The plain weights of a stage-1 role in a LoRA layout: the role rebuilt as stage 1 built it (its
@@ -334,10 +330,7 @@ class RTDMD(RewardedMethod, ACDMD):
         network = build_role_network(
             role, own_copy, self.backbone.load_denoiser, self.teacher, self.backbone.lora_target_modules, seed=0
         )
-        missing, unexpected = network.load_state_dict(entries, strict=False)
-        frozen = set(frozen_entry_names(network, own_copy))
-        if unexpected or set(missing) - frozen:
-            raise RuntimeError(f"unexpected {sorted(unexpected)[:4]}, missing {sorted(set(missing) - frozen)[:4]}")
+        load_trained_entries(network, own_copy, entries)
         return merge_lora(network).state_dict()
 
     def _check_stage1_student(self, hparams: dict, path: Path) -> None:
