@@ -32,7 +32,6 @@ def train_student(num_steps: int, updates: int, output: Path) -> dict:
             f"--model.init_args.max_generator_updates={updates}",
             f"--trainer.logger.init_args.save_dir={output}",
             f"--trainer.logger.init_args.name=dmd_{num_steps}step",
-            "--trainer.enable_progress_bar=false",
         ]
     )
     return json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())

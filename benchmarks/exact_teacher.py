@@ -185,7 +185,7 @@ def train(module: DMD, group_size: int, seed: int, ema: float | None = None) -> 
     trainer = L.Trainer(
         callbacks=[GeneratorEMA(ema)] if ema is not None else [],
         accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_progress_bar=True, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)

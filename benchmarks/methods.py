@@ -57,7 +57,6 @@ def fit(method: str, seed: int, updates: int | None, output: Path, run_name: str
             "fit", "--config", f"configs/digits/{method}.yaml",
             f"--seed_everything={seed}", f"--model.init_args.seed={seed}", *budget, *stage1,
             f"--trainer.logger.init_args.save_dir={output}", f"--trainer.logger.init_args.name={run_name}",
-            "--trainer.enable_progress_bar=false",
             *(f"--{override}" for override in overrides),
         ]
     )
