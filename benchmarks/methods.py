@@ -47,16 +47,18 @@ SECOND_STAGES = {"rtdmd_stage2": "rtdmd_stage1"}
 budget is their config's (RTDMD stage 2: RL iterations), not --updates."""
 
 
-def fit(method: str, seed: int, updates: int | None, output: Path, run_name: str, overrides: list[str]):
-    """Train ``method``'s digits config with ``seed``; ``updates=None`` keeps the config's budget."""
+def fit(method: str, seed: int, updates: int | None, output: Path, tag: str | None, overrides: list[str]):
+    """Train ``method``'s digits config with ``seed`` as run ``<method>[_<tag>]_seed<seed>``;
+    ``updates=None`` keeps the config's budget. A second stage starts from its first stage's run
+    with the same seed and tag."""
     budget = [] if updates is None else [f"--model.init_args.max_generator_updates={updates}"]
-    stage1 = [f"--model.init_args.stage1_checkpoint={first_stage_checkpoint(SECOND_STAGES[method], seed, output)}"] \
+    stage1 = [f"--model.init_args.stage1_checkpoint={first_stage_checkpoint(run_name(SECOND_STAGES[method], tag, seed), output)}"] \
         if method in SECOND_STAGES else []
     cli = RDMLightningCLI(
         args=[
             "fit", "--config", f"configs/digits/{method}.yaml",
             f"--seed_everything={seed}", f"--model.init_args.seed={seed}", *budget, *stage1,
-            f"--trainer.logger.init_args.save_dir={output}", f"--trainer.logger.init_args.name={run_name}",
+            f"--trainer.logger.init_args.save_dir={output}", f"--trainer.logger.init_args.name={run_name(method, tag, seed)}",
             *(f"--{override}" for override in overrides),
         ]
     )
@@ -75,14 +77,18 @@ def config_digest(method: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def first_stage_checkpoint(method: str, seed: int, output: Path) -> Path:
-    """The newest ``last.ckpt`` of ``method``'s run with ``seed`` under ``output``."""
-    checkpoints = sorted((output / f"{method}_seed{seed}").glob("version_*/checkpoints/last.ckpt"),
-                         key=lambda path: path.stat().st_mtime)
+def run_name(method: str, tag: str | None, seed: int) -> str:
+    """The name a run is logged and kept under: ``<method>_seed<seed>``, or ``<method>_<tag>_seed<seed>`` in an ablation."""
+    return f"{method}_{tag}_seed{seed}" if tag else f"{method}_seed{seed}"
+
+
+def first_stage_checkpoint(name: str, output: Path) -> Path:
+    """The newest ``last.ckpt`` of run ``name`` (:func:`run_name`) under ``output``."""
+    checkpoints = sorted((output / name).glob("version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
     if not checkpoints:
         raise FileNotFoundError(
-            f"no {method} checkpoint for seed {seed} under {output / f'{method}_seed{seed}'}; "
-            f"benchmark {method} first (--methods {method} ... lists it before the method that starts from it)"
+            f"no checkpoint of run {name} under {output / name}; benchmark its first stage first, with the same "
+            "seed and --tag (--methods lists it before the method that starts from it)"
         )
     return checkpoints[-1]
 
@@ -147,13 +153,13 @@ def main() -> None:
     for method in args.methods:
         name = f"{method}_{args.tag}" if args.tag else method
         for seed in args.seeds:
-            path = kept / f"{name}_seed{seed}.json"
+            path = kept / f"{run_name(method, args.tag, seed)}.json"
             run = json.loads(path.read_text()) if path.exists() and not args.rerun else None
             budget = None if method in SECOND_STAGES else args.updates
             wanted = {**setting, "updates": budget, "config": config_digest(method)}
             if run is None or {"overrides": [], **run["setting"]} != wanted:
                 start = time.perf_counter()
-                module = fit(method, seed, budget, args.output, f"{name}_seed{seed}", args.overrides)
+                module = fit(method, seed, budget, args.output, args.tag, args.overrides)
                 minutes = (time.perf_counter() - start) / 60
                 scores = score(module, "generator", args.num_samples, evaluator, rewards)
                 run = {"setting": wanted,

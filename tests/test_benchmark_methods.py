@@ -1,8 +1,10 @@
-"""benchmarks/methods.py: a kept run is reused only while its config files are unchanged."""
+"""benchmarks/methods.py: a kept run is reused only while its config files are unchanged; a second stage finds its own first stage."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
 spec = importlib.util.spec_from_file_location("methods_benchmark", SCRIPT)
@@ -23,3 +25,17 @@ def test_config_digest_follows_the_settings_not_the_comments_and_a_second_stage_
     assert methods_benchmark.config_digest("gndm") != gndm
     (tmp_path / "rtdmd_stage1.yaml").write_text("model: {lr: 3.0e-6, name: rtdmd_stage1}\n")
     assert methods_benchmark.config_digest("rtdmd_stage2") != stage2
+
+
+def test_a_second_stage_starts_from_the_first_stage_run_of_its_own_seed_and_tag(tmp_path):
+
+    for name in ("rtdmd_stage1_seed0", "rtdmd_stage1_shared_lora_seed0", "rtdmd_stage1_shared_lora_seed1"):
+        checkpoint = tmp_path / name / "version_0" / "checkpoints" / "last.ckpt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_text(name)
+    first = methods_benchmark.SECOND_STAGES["rtdmd_stage2"]
+    for tag, seed in ((None, 0), ("shared_lora", 0), ("shared_lora", 1)):
+        found = methods_benchmark.first_stage_checkpoint(methods_benchmark.run_name(first, tag, seed), tmp_path)
+        assert found.read_text() == methods_benchmark.run_name(first, tag, seed)
+    with pytest.raises(FileNotFoundError, match="rtdmd_stage1_shared_lora_seed2"):
+        methods_benchmark.first_stage_checkpoint(methods_benchmark.run_name(first, "shared_lora", 2), tmp_path)
