@@ -28,7 +28,6 @@ def test_config_digest_follows_the_settings_not_the_comments_and_a_second_stage_
 
 
 def test_a_second_stage_starts_from_the_first_stage_run_of_its_own_seed_and_tag(tmp_path):
-
     for name in ("rtdmd_stage1_seed0", "rtdmd_stage1_shared_lora_seed0", "rtdmd_stage1_shared_lora_seed1"):
         checkpoint = tmp_path / name / "version_0" / "checkpoints" / "last.ckpt"
         checkpoint.parent.mkdir(parents=True)
