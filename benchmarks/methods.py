@@ -186,12 +186,12 @@ def main() -> None:
     checks = {}
     # Each distance target is checked in both distances: digits-FD (classifier features) and pixel FD.
     distances = {"digits_fd": "digits-FD", "pixel_fd": "pixel FD"}
-    # GNDM is DMD with group-normalised updates: each GNDM config is held to DMD2 (the reward issue's
-    # baseline) and to the DMD config whose recipe it shares (gndm: the rollout, as dmd).
-    for method, baseline in (("gndm", "dmd2"), ("gndm", "dmd"), ("gndm_is", "dmd2")):
-        if baseline in mean and method in mean:
+    # The reward issue's GNDM target is against DMD2, its baseline; gndm.yaml shares the library's DMD
+    # recipe (the rollout), so DMD on that recipe is shown beside it (a note below, as for AC-DMD).
+    for method in ("gndm", "gndm_is"):
+        if SUBSTRATE in mean and method in mean:
             for key, label in distances.items():
-                checks[f"{method}: {label} <= {baseline.upper()}'s"] = mean[method][key] <= mean[baseline][key]
+                checks[f"{method}: {label} <= DMD2's"] = mean[method][key] <= mean[SUBSTRATE][key]
     for method in ("dmdr", "dmdr_lora", "gndmr", "gdmd"):
         if method in mean and SUBSTRATE in mean:
             m, d, t = mean[method], mean[SUBSTRATE], mean["teacher"]
@@ -205,6 +205,11 @@ def main() -> None:
     if "rtdmd_stage1" in mean and SUBSTRATE in mean:
         for key, label in distances.items():
             checks[f"AC-DMD (RTDMD stage 1) {label} <= DMD2's"] = mean["rtdmd_stage1"][key] <= mean[SUBSTRATE][key]
+    if "gndm" in mean and "dmd" in mean:
+        for key, label in distances.items():
+            (g, g_std), (d, d_std) = summary(results["gndm"], key), summary(results["dmd"], key)
+            notes.append(f"- GNDM {label} {g:.4g} ± {g_std:.2g} against DMD's {d:.4g} ± {d_std:.2g} on the same "
+                         f"recipe ({g / d:.3f}x; not a target)")
     if "rtdmd_stage1" in mean and "dmd" in mean:
         for key, label in distances.items():
             notes.append(f"- AC-DMD (RTDMD stage 1) {label} {mean['rtdmd_stage1'][key]:.4g} against DMD's "
