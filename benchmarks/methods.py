@@ -9,7 +9,8 @@ same number of generator updates; a method is any config in configs/digits/ but 
 teacher's. A second stage (RTDMD stage 2) starts from its first stage's checkpoint of
 the same seed, for its config's number of RL iterations. Each run's scores are kept in
 <output>/runs/<method>_seed<seed>.json and reused by later calls with the same updates,
-samples, overrides and config settings (comments aside; --rerun trains again), so the table can be built up
+samples, overrides, torch thread count (OMP_NUM_THREADS; a run is deterministic for a given one) and config
+settings (comments aside; --rerun trains again), so the table can be built up
 over several calls; --set/--tag run an ablation, kept as <method>_<tag>_seed<seed>. Every
 student (and the teacher's default sampler) is then scored on the same 1,000
 class-balanced samples from fixed noise, in digits-FD and pixel FD (beside the real-data
@@ -144,7 +145,10 @@ def main() -> None:
         parser.error("--set needs --tag to name the ablation, so its runs are not mistaken for the config's")
     kept = args.output / "runs"
     kept.mkdir(parents=True, exist_ok=True)
-    setting = {"updates": args.updates, "num_samples": args.num_samples, "overrides": args.overrides}
+    # A run is deterministic for a given number of torch threads (they change the order of float
+    # sums), so a kept run is reused only with the thread count it was trained with.
+    setting = {"updates": args.updates, "num_samples": args.num_samples, "overrides": args.overrides,
+               "threads": torch.get_num_threads()}
 
     evaluator = DigitsEvaluator.default()
     rewards = {"digit_logprob": DigitsClassifierReward(), "stroke_contrast": StrokeContrastReward(),
@@ -226,7 +230,8 @@ def main() -> None:
         if name != "teacher":
             cells = [f"{m:.4g} ± {s:.2g}" for m, s in (summary(runs, k) for k in cost_keys)]
             costs.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines + costs + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()] + notes)
+    threads = [f"", f"Each run trained and scored with {setting['threads']} torch thread(s)."]
+    table = "\n".join(lines + threads + costs + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()] + notes)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(table + "\n")
     (args.output / "results.json").write_text(json.dumps(results, indent=2))
