@@ -78,9 +78,23 @@ def config_digest(method: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def variant_name(method: str, tag: str | None) -> str:
+    """The table row of ``method``'s runs: ``<method>``, or ``<method>_<tag>`` in an ablation."""
+    return f"{method}_{tag}" if tag else method
+
+
 def run_name(method: str, tag: str | None, seed: int) -> str:
     """The name a run is logged and kept under: ``<method>_seed<seed>``, or ``<method>_<tag>_seed<seed>`` in an ablation."""
-    return f"{method}_{tag}_seed{seed}" if tag else f"{method}_seed{seed}"
+    return f"{variant_name(method, tag)}_seed{seed}"
+
+
+def kept_run(path: Path, wanted: dict) -> dict | None:
+    """The run kept at ``path`` if it was trained with the ``wanted`` setting (runs kept before
+    ``overrides`` was recorded had none), else ``None``: it is trained again."""
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    return run if {"overrides": [], **run["setting"]} == wanted else None
 
 
 def first_stage_checkpoint(name: str, output: Path) -> Path:
@@ -155,13 +169,12 @@ def main() -> None:
                "gold": DigitsGoldReward()}
     results: dict[str, list[dict]] = {}
     for method in args.methods:
-        name = f"{method}_{args.tag}" if args.tag else method
         for seed in args.seeds:
             path = kept / f"{run_name(method, args.tag, seed)}.json"
-            run = json.loads(path.read_text()) if path.exists() and not args.rerun else None
             budget = None if method in SECOND_STAGES else args.updates
             wanted = {**setting, "updates": budget, "config": config_digest(method)}
-            if run is None or {"overrides": [], **run["setting"]} != wanted:
+            run = None if args.rerun else kept_run(path, wanted)
+            if run is None:
                 start = time.perf_counter()
                 module = fit(method, seed, budget, args.output, args.tag, args.overrides)
                 minutes = (time.perf_counter() - start) / 60
@@ -174,7 +187,7 @@ def main() -> None:
                     teacher = {"setting": {"num_samples": args.num_samples},
                                "scores": score(module, "teacher", args.num_samples, evaluator, rewards)}
                     teacher_path.write_text(json.dumps(teacher, indent=2))
-            results.setdefault(name, []).append(run["scores"])
+            results.setdefault(variant_name(method, args.tag), []).append(run["scores"])
     teacher_path = kept / "teacher.json"
     if teacher_path.exists():
         results = {"teacher": [json.loads(teacher_path.read_text())["scores"]], **results}
@@ -230,7 +243,7 @@ def main() -> None:
         if name != "teacher":
             cells = [f"{m:.4g} ± {s:.2g}" for m, s in (summary(runs, k) for k in cost_keys)]
             costs.append(f"| {name} | " + " | ".join(cells) + " |")
-    threads = [f"", f"Each run trained and scored with {setting['threads']} torch thread(s)."]
+    threads = ["", f"Each run trained and scored with {setting['threads']} torch thread(s)."]
     table = "\n".join(lines + threads + costs + [""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()] + notes)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(table + "\n")

@@ -1,7 +1,9 @@
-"""benchmarks/methods.py: a kept run is reused only while its config files are unchanged; a second stage finds its own first stage."""
+"""benchmarks/methods.py: a kept run is reused only while its config files and setting (thread count
+included) are unchanged; a second stage finds its own first stage."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,17 @@ def test_a_second_stage_starts_from_the_first_stage_run_of_its_own_seed_and_tag(
         assert found.read_text() == methods_benchmark.run_name(first, tag, seed)
     with pytest.raises(FileNotFoundError, match="rtdmd_stage1_shared_lora_seed2"):
         methods_benchmark.first_stage_checkpoint(methods_benchmark.run_name(first, "shared_lora", 2), tmp_path)
+
+
+def test_a_kept_run_is_reused_only_with_the_setting_it_was_trained_with(tmp_path):
+    wanted = {"updates": 400, "num_samples": 1000, "overrides": [], "threads": 2, "config": "abc"}
+    path = tmp_path / "dmd_seed0.json"
+    assert methods_benchmark.kept_run(path, wanted) is None
+    path.write_text(json.dumps({"setting": wanted, "scores": {"digits_fd": 20.0}}))
+    assert methods_benchmark.kept_run(path, wanted)["scores"] == {"digits_fd": 20.0}
+    assert methods_benchmark.kept_run(path, {**wanted, "threads": 1}) is None
+    assert methods_benchmark.kept_run(path, {**wanted, "config": "abd"}) is None
+    # A run kept before overrides were recorded had none.
+    path.write_text(json.dumps({"setting": {k: v for k, v in wanted.items() if k != "overrides"}, "scores": {}}))
+    assert methods_benchmark.kept_run(path, wanted) is not None
+    assert methods_benchmark.kept_run(path, {**wanted, "overrides": ["a=1"]}) is None
