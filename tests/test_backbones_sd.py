@@ -94,7 +94,7 @@ def test_loads_schedule_prediction_and_frozen_modules(backbones, folders):
                 "sd3": Prediction.FLOW_VELOCITY, "sd3_t5": Prediction.FLOW_VELOCITY}
     for name, backbone in backbones.items():
         assert backbone.prediction is expected[name]
-        assert backbone.latent_shape == (4, 8, 8) and backbone.resolution == 16
+        assert backbone.latent_shape == (4, 8, 8) and (backbone.height, backbone.width) == (16, 16)
         params = list(backbone.parameters())
         assert params and not any(p.requires_grad for p in params)
         backbone.train()
@@ -196,7 +196,7 @@ def test_bfloat16_frozen_parts_and_teacher(backbones, folders, name):
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3"])
 def test_vae_encode_decode(backbones, name):
     backbone = backbones[name]
-    images = torch.rand(2, 3, backbone.resolution, backbone.resolution, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, backbone.height, backbone.width, generator=torch.Generator().manual_seed(0))
     latents = backbone.encode_images(images)
     assert latents.shape == (2, *backbone.latent_shape) and latents.dtype == torch.float32
     vae = backbone.vae
@@ -273,8 +273,8 @@ def test_bad_settings_raise_clear_errors(folders, tmp_path):
         StableDiffusionBackbone(str(folders["sd15"]), empty_prompt_mode="none")
     with pytest.raises(ValueError, match="float8"):
         StableDiffusionBackbone(str(folders["sd15"]), frozen_dtype="float8")
-    with pytest.raises(ValueError, match="resolution"):
-        StableDiffusionBackbone(str(folders["sd15"]), resolution=18)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4 pixels for this model, got 18"):
+        StableDiffusionBackbone(str(folders["sd15"]), height=18)
 
 
 def test_lcm_scheduler_reaches_student_timesteps(backbones):

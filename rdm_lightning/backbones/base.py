@@ -64,6 +64,12 @@ class Backbone(nn.Module, ABC):
 
     schedule: NoiseSchedule
     prediction: Prediction
+    guidance_embedding: bool = False
+    """The denoiser takes the guidance value as an input (guidance-distilled FLUX.1-dev, FLUX.2-dev)
+    instead of running true CFG: :meth:`predict_x0` then passes the teacher's ``guidance_scale`` (or,
+    for the student and fake score, :attr:`student_guidance`) to :meth:`network_output` as ``guidance``."""
+    student_guidance: float | None = None
+    """Embedded guidance of the student and fake score (guidance-embedding families only)."""
     lora_target_modules: tuple[str, ...] | str | None = None
     """Modules of the denoiser a LoRA adapts (DMDR's LoRA-on-teacher critic), in peft's
     ``target_modules`` form: module names matched as suffixes of the full name, or one regex
@@ -88,7 +94,19 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def network_output(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
-        """The network's raw prediction (ε, v or velocity) at ``x_t``."""
+        """The network's raw prediction (ε, v or velocity) at ``x_t``.
+
+        A :attr:`guidance_embedding` family takes a keyword ``guidance`` (float) too.
+        """
+
+    def _output(
+        self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: float | None
+    ) -> Tensor:
+        if self.guidance_embedding:
+            return self.network_output(
+                network, x_t, level, cond, guidance=self.student_guidance if guidance is None else guidance
+            )
+        return self.network_output(network, x_t, level, cond)
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
@@ -134,14 +152,19 @@ class Backbone(nn.Module, ABC):
         x_t: Tensor,
         level: Tensor,
         cond: Conditioning,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         uncond: Conditioning | None = None,
     ) -> Tensor:
-        """x̂0 (float32) of ``network`` at ``x_t``, with CFG when ``guidance_scale != 1``.
+        """x̂0 (float32) of ``network`` at ``x_t``; ``guidance_scale`` is the teacher's guidance.
 
-        The unconditional and conditional branches run as one batch.
+        ``None`` (the student and the fake score) runs the network on ``cond`` alone. A
+        :attr:`guidance_embedding` family passes the guidance to the network (``None``:
+        :attr:`student_guidance`); any other runs CFG when ``guidance_scale != 1``, the
+        unconditional and conditional branches as one batch.
         """
-        if guidance_scale == 1.0:
+        if self.guidance_embedding:
+            output = self._output(network, x_t, level, cond, guidance_scale)
+        elif guidance_scale is None or guidance_scale == 1.0:
             output = self.network_output(network, x_t, level, cond)
         else:
             uncond = self.empty_conditioning(len(x_t)) if uncond is None else uncond
@@ -169,7 +192,7 @@ class Backbone(nn.Module, ABC):
         x_t = self.schedule.add_noise(x0, noise, level)
         alpha, sigma = self._alpha_sigma(level, x0)
         target = training_target(self.prediction, x0, noise, alpha, sigma)
-        output = self.network_output(network, x_t, level, cond).float()
+        output = self._output(network, x_t, level, cond, None).float()
         if weights is None:
             return F.mse_loss(output, target)
         if weights.shape != (len(x0),):

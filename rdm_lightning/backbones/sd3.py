@@ -14,7 +14,6 @@ from rdm_lightning.backbones.base import Conditioning
 from rdm_lightning.backbones.stable_diffusion import (
     DiffusersBackbone,
     check_levels,
-    check_resolution,
     config_for,
     network_dtype,
 )
@@ -94,8 +93,9 @@ class SD3Backbone(DiffusersBackbone):
         path: diffusers pipeline folder (transformer/, vae/, text_encoder/,
             text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, and optionally
             text_encoder_3/ + tokenizer_3/ for T5) or a hub id.
-        resolution: image side in pixels; default: the transformer's
-            ``sample_size`` times the VAE scale factor (1024 for SD3-M).
+        height, width: image size in pixels, each a multiple of the VAE scale factor times the
+            patch size; default: the transformer's ``sample_size`` times the VAE scale factor
+            (1024 for SD3-M and SD3.5).
         variant: weight-file variant to load (e.g. ``"fp16"``); ``None`` for the default files.
         frozen_dtype: dtype of the frozen text encoders (and of the VAE unless
             ``vae_dtype`` is given): ``"float32"``, ``"float16"`` or ``"bfloat16"``.
@@ -105,11 +105,12 @@ class SD3Backbone(DiffusersBackbone):
 
     Without text_encoder_3/ the T5 tokens are zeros, as in diffusers'
     ``StableDiffusion3Pipeline`` with ``text_encoder_3=None``. The schedule is
-    the scheduler's static shift, or the FLUX dynamic shift at this resolution
+    the scheduler's static shift, or the FLUX dynamic shift at this image size
     when ``use_dynamic_shifting`` is set.
     """
 
     denoiser_subfolder = "transformer"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     # Joint attention, image and text streams (docs/methods/dmdr.md; the DMDR SD3 critic LoRA).
     lora_target_modules = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -118,7 +119,8 @@ class SD3Backbone(DiffusersBackbone):
     def __init__(
         self,
         path: str,
-        resolution: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         variant: str | None = None,
         frozen_dtype: str = "float32",
         vae_dtype: str | None = None,
@@ -131,21 +133,24 @@ class SD3Backbone(DiffusersBackbone):
         self.max_sequence_length = max_sequence_length
         self.prediction = Prediction.FLOW_VELOCITY
 
+        self.has_t5 = self.has_subfolder("text_encoder_3")
+        self.load_text_encoders()
+
+        patch = self.transformer_config.get("patch_size", 2)
+        self.height, self.width = self.image_size(
+            height, width, self.transformer_config["sample_size"] * self.vae_scale_factor, self.vae_scale_factor * patch
+        )
+        self.schedule = self._flow_schedule(patch)
+
+    def load_text_encoders(self) -> None:
+        """CLIP-L and CLIP-G with their projections, and T5 when the folder has text_encoder_3/."""
         self.tokenizer = self.load_tokenizer("tokenizer")
         self.tokenizer_2 = self.load_tokenizer("tokenizer_2")
         self.text_encoder = self.load_text_encoder(CLIPTextModelWithProjection, "text_encoder")
         self.text_encoder_2 = self.load_text_encoder(CLIPTextModelWithProjection, "text_encoder_2")
-        self.has_t5 = self.has_subfolder("text_encoder_3")
         if self.has_t5:
             self.tokenizer_3 = self.load_tokenizer("tokenizer_3")
             self.text_encoder_3 = self.load_text_encoder(T5EncoderModel, "text_encoder_3")
-
-        patch = self.transformer_config.get("patch_size", 2)
-        default = self.transformer_config["sample_size"] * self.vae_scale_factor
-        self.resolution = check_resolution(
-            default if resolution is None else resolution, self.vae_scale_factor * patch
-        )
-        self.schedule = self._flow_schedule(patch)
 
     def _flow_schedule(self, patch: int) -> FlowSchedule:
         config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
@@ -162,8 +167,9 @@ class SD3Backbone(DiffusersBackbone):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.resolution // self.vae_scale_factor
-        return self.transformer_config["in_channels"], side, side
+        return (
+            self.transformer_config["in_channels"], self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        )
 
     def load_denoiser(self) -> SD3Transformer2DModel:
         """A fresh float32 transformer from ``path/transformer`` (a new copy on every call)."""
@@ -178,8 +184,7 @@ class SD3Backbone(DiffusersBackbone):
         ids = self.token_ids(self.tokenizer_3, prompts, self.max_sequence_length, self.text_encoder_3.device)
         return self.text_encoder_3(ids)[0]
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """``prompt_embeds`` and ``pooled_prompt_embeds`` as ``StableDiffusion3Pipeline.encode_prompt``.
 
         CLIP-L and CLIP-G penultimate hidden states are concatenated on channels

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from abc import abstractmethod
 from typing import Any, Literal, Sequence
 
 import torch
@@ -80,11 +81,22 @@ def check_levels(levels: Tensor, num_steps: int) -> Tensor:
     return levels
 
 
-def check_resolution(resolution: int, multiple: int) -> int:
-    """``resolution`` if a positive multiple of ``multiple`` pixels, else a ValueError."""
-    if resolution <= 0 or resolution % multiple:
-        raise ValueError(f"resolution must be a positive multiple of {multiple} pixels, got {resolution}")
-    return resolution
+def check_image_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """``(height, width)`` if both are positive multiples of ``multiple`` pixels (what the VAE and the
+    denoiser's downsampling or patching take), else a ValueError naming the size."""
+    for name, side in (("height", height), ("width", width)):
+        if not isinstance(side, int) or side <= 0 or side % multiple:
+            raise ValueError(
+                f"{name} must be a positive multiple of {multiple} pixels for this model, got {side!r} "
+                f"(image size {height}x{width})"
+            )
+    return height, width
+
+
+def pipeline_class_name(folder: Path) -> str:
+    """``_class_name`` of ``folder/model_index.json``: the diffusers pipeline the folder was saved from."""
+    index = require_path(folder / "model_index.json", "model_index.json of the diffusers pipeline folder")
+    return json.loads(index.read_text()).get("_class_name", "")
 
 
 class DiffusersBackbone(Backbone):
@@ -95,6 +107,9 @@ class DiffusersBackbone(Backbone):
     """
 
     denoiser_subfolder: str
+    pipeline_classes: tuple[str, ...]
+    """``model_index.json`` ``_class_name`` values of the pipelines this adapter reads."""
+    vae_class: type = AutoencoderKL
 
     @property
     def lora_file_prefix(self) -> str:
@@ -113,12 +128,41 @@ class DiffusersBackbone(Backbone):
         self.variant = variant
         self.frozen_dtype = torch_dtype(frozen_dtype)
         self.folder = resolve_pipeline_folder(path, variant, local_files_only)
+        found = pipeline_class_name(self.folder)
+        if found not in self.pipeline_classes:
+            raise ValueError(
+                f"{str(self.folder)!r} holds a {found or 'unnamed'} pipeline (model_index.json _class_name), "
+                f"which {type(self).__name__} does not read; accepted: {', '.join(self.pipeline_classes)}"
+            )
+        self.pipeline_class = found
         self.vae = freeze(
-            AutoencoderKL.from_pretrained(
+            self.vae_class.from_pretrained(
                 self.subfolder("vae"), variant=variant, torch_dtype=torch_dtype(vae_dtype or frozen_dtype)
             )
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor()
+        self._empty_prompt: Conditioning | None = None
+
+    def _vae_scale_factor(self) -> int:
+        """Pixels per latent cell: the VAE halves the image once per encoder block but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def image_size(self, height: int | None, width: int | None, default: int, multiple: int) -> tuple[int, int]:
+        """The configured ``(height, width)`` (each defaulting to ``default`` pixels), checked against ``multiple``."""
+        return check_image_size(default if height is None else height, default if width is None else width, multiple)
+
+    @abstractmethod
+    def load_text_encoders(self) -> None:
+        """Load the tokenizers and (frozen) text encoders as attributes."""
+
+    @abstractmethod
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
+        """Run the text encoders on ``prompts`` as the stock pipeline's ``encode_prompt`` does."""
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Text conditioning for ``prompts`` (:meth:`encode_text`, without gradients)."""
+        return self.encode_text(prompts)
 
     def subfolder(self, name: str) -> Path:
         """``folder/name``, or a FileNotFoundError naming that path."""
@@ -149,9 +193,11 @@ class DiffusersBackbone(Backbone):
         return ids.to(device)
 
     def empty_prompt_conditioning(self, n: int) -> Conditioning:
-        """The empty prompt ``""`` encoded once and repeated ``n`` times."""
-        empty = self.encode_prompts([""])
-        return Conditioning({k: v.expand(n, *v.shape[1:]) for k, v in empty.tensors.items()})
+        """The empty prompt ``""``, encoded once per run, repeated ``n`` times."""
+        if self._empty_prompt is None:
+            self._empty_prompt = self.encode_prompts([""])
+        device = self.vae.device
+        return Conditioning({k: v.to(device).expand(n, *v.shape[1:]) for k, v in self._empty_prompt.tensors.items()})
 
     def empty_conditioning(self, n: int) -> Conditioning:
         """The CFG unconditional branch: the empty prompt."""
@@ -281,8 +327,9 @@ class StableDiffusionBackbone(DiffusersBackbone):
     Args:
         path: diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/,
             scheduler/, plus text_encoder_2/ and tokenizer_2/ for SDXL) or a hub id.
-        resolution: image side in pixels; default: the UNet's ``sample_size`` times
-            the VAE scale factor (512 for SD1.5, 1024 for SDXL).
+        height, width: image size in pixels, each a multiple of the VAE scale factor times the
+            UNet's downsampling; default: the UNet's ``sample_size`` times the VAE scale factor
+            (512 for SD1.5, 1024 for SDXL).
         variant: weight-file variant to load (e.g. ``"fp16"``); ``None`` for the default files.
         frozen_dtype: dtype of the frozen text encoders (and of the VAE unless
             ``vae_dtype`` is given): ``"float32"``, ``"float16"`` or ``"bfloat16"``.
@@ -298,13 +345,15 @@ class StableDiffusionBackbone(DiffusersBackbone):
     """
 
     denoiser_subfolder = "unet"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
     # Self- and cross-attention projections of the UNet's transformer blocks.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(
         self,
         path: str,
-        resolution: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         variant: str | None = None,
         frozen_dtype: str = "float32",
         vae_dtype: str | None = None,
@@ -318,12 +367,8 @@ class StableDiffusionBackbone(DiffusersBackbone):
         self.prediction = self._prediction(scheduler.config.prediction_type)
         self.unet_config = dict(UNet2DConditionModel.load_config(self.subfolder("unet")))
 
-        self.tokenizer = self.load_tokenizer("tokenizer")
-        self.text_encoder = self.load_text_encoder(CLIPTextModel, "text_encoder")
-        self.is_sdxl = self.has_subfolder("text_encoder_2")
-        if self.is_sdxl:
-            self.tokenizer_2 = self.load_tokenizer("tokenizer_2")
-            self.text_encoder_2 = self.load_text_encoder(CLIPTextModelWithProjection, "text_encoder_2")
+        self.is_sdxl = self.pipeline_class == "StableDiffusionXLPipeline"
+        self.load_text_encoders()
 
         mode = empty_prompt_mode or ("zeros" if self.is_sdxl else "empty_string")
         if mode not in EMPTY_PROMPT_MODES:
@@ -332,10 +377,18 @@ class StableDiffusionBackbone(DiffusersBackbone):
 
         # The UNet halves the latent once per down block but the last.
         self.unet_downsampling = 2 ** (len(self.unet_config["block_out_channels"]) - 1)
-        default = self.unet_config["sample_size"] * self.vae_scale_factor
-        self.resolution = check_resolution(
-            default if resolution is None else resolution, self.vae_scale_factor * self.unet_downsampling
+        self.height, self.width = self.image_size(
+            height, width, self.unet_config["sample_size"] * self.vae_scale_factor,
+            self.vae_scale_factor * self.unet_downsampling,
         )
+
+    def load_text_encoders(self) -> None:
+        """CLIP-L (SD1.5), plus OpenCLIP-G with its projection (SDXL)."""
+        self.tokenizer = self.load_tokenizer("tokenizer")
+        self.text_encoder = self.load_text_encoder(CLIPTextModel, "text_encoder")
+        if self.is_sdxl:
+            self.tokenizer_2 = self.load_tokenizer("tokenizer_2")
+            self.text_encoder_2 = self.load_text_encoder(CLIPTextModelWithProjection, "text_encoder_2")
 
     @staticmethod
     def _prediction(prediction_type: str) -> Prediction:
@@ -347,8 +400,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.resolution // self.vae_scale_factor
-        return self.unet_config["in_channels"], side, side
+        return self.unet_config["in_channels"], self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
 
     def load_denoiser(self) -> UNet2DConditionModel:
         """A fresh float32 UNet from ``path/unet`` (a new copy on every call)."""
@@ -356,8 +408,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
             self.subfolder("unet"), variant=self.variant, torch_dtype=torch.float32
         )
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """``prompt_embeds`` (+ ``pooled_prompt_embeds`` for SDXL), as the diffusers pipelines encode.
 
         SD1.5: the final CLIP hidden state. SDXL: the penultimate hidden states of
