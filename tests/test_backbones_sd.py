@@ -1,4 +1,4 @@
-"""SD1.5 / SDXL / SD3 adapters on tiny random pipelines built at test time."""
+"""SD1.5 / SDXL / SD3 / SD3.5 adapters on tiny random pipelines built at test time."""
 from __future__ import annotations
 
 import json
@@ -42,6 +42,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "sdxl": make_tiny_sdxl(root / "sdxl"),
         "sd3": make_tiny_sd3(root / "sd3"),
         "sd3_t5": make_tiny_sd3(root / "sd3_t5", with_t5=True),
+        "sd35_medium": make_tiny_sd3(root / "sd35_medium", with_t5=True, sd35="medium"),
+        "sd35_large": make_tiny_sd3(root / "sd35_large", sd35="large"),
     }
 
 
@@ -86,12 +88,13 @@ def _perturbed_student(backbone):
     return student
 
 
-ALL = ["sd15", "sd15_v", "sdxl", "sd3", "sd3_t5"]
+ALL = ["sd15", "sd15_v", "sdxl", "sd3", "sd3_t5", "sd35_medium", "sd35_large"]
+FLOW = ["sd3", "sd3_t5", "sd35_medium", "sd35_large"]
 
 
 def test_loads_schedule_prediction_and_frozen_modules(backbones, folders):
     expected = {"sd15": Prediction.EPSILON, "sd15_v": Prediction.V_PREDICTION, "sdxl": Prediction.EPSILON,
-                "sd3": Prediction.FLOW_VELOCITY, "sd3_t5": Prediction.FLOW_VELOCITY}
+                **{name: Prediction.FLOW_VELOCITY for name in FLOW}}
     for name, backbone in backbones.items():
         assert backbone.prediction is expected[name]
         assert backbone.latent_shape == (4, 8, 8) and (backbone.height, backbone.width) == (16, 16)
@@ -101,7 +104,11 @@ def test_loads_schedule_prediction_and_frozen_modules(backbones, folders):
         assert not any(m.training for m in backbone.modules())
     ddpm = DDPMScheduler.from_pretrained(folders["sd15"], subfolder="scheduler")
     assert torch.equal(backbones["sd15"].schedule.alphas_cumprod, ddpm.alphas_cumprod.double())
-    assert backbones["sd3"].schedule.shift == 3.0
+    assert backbones["sd3"].schedule.shift == backbones["sd35_medium"].schedule.shift == 3.0
+    assert backbones["sd35_large"].schedule.shift == 5.0
+    medium = backbones["sd35_medium"].load_denoiser()
+    assert medium.transformer_blocks[0].use_dual_attention and not medium.transformer_blocks[1].use_dual_attention
+    assert medium.config.qk_norm == backbones["sd35_large"].load_denoiser().config.qk_norm == "rms_norm"
     assert {"text_encoder", "vae"} <= set(dict(backbones["sd15"].named_children()))
     assert {"text_encoder_2", "text_encoder_3"} <= set(dict(backbones["sd3_t5"].named_children()))
 
@@ -163,8 +170,8 @@ def test_prompt_encoding_matches_diffusers_pipelines(backbones, folders):
         torch.testing.assert_close(uncond.tensors["prompt_embeds"], negative)
         torch.testing.assert_close(uncond.tensors["pooled_prompt_embeds"], negative_pooled)
 
-        for name in ("sd3", "sd3_t5"):
-            kwargs = {} if name == "sd3_t5" else {"text_encoder_3": None, "tokenizer_3": None}
+        for name in FLOW:
+            kwargs = {} if backbones[name].has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
             pipe = StableDiffusion3Pipeline.from_pretrained(folders[name], **kwargs)
             embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu")
             ours, uncond = backbones[name].encode_prompts(PROMPTS), backbones[name].empty_conditioning(2)
@@ -338,6 +345,8 @@ def _student_latents(backbone, student, prompt: str, noise: torch.Tensor, levels
         ("sdxl", 1, StableDiffusionXLPipeline),
         ("sd3", 4, StableDiffusion3Pipeline),
         ("sd3_t5", 2, StableDiffusion3Pipeline),
+        ("sd35_medium", 4, StableDiffusion3Pipeline),
+        ("sd35_large", 4, StableDiffusion3Pipeline),
     ],
 )
 def test_export_samples_like_the_student(backbones, tmp_path, name, num_steps, pipeline_cls):
@@ -370,6 +379,34 @@ def test_export_samples_like_the_student(backbones, tmp_path, name, num_steps, p
     torch.testing.assert_close(exported, ours, atol=ATOL, rtol=1e-4)
     teacher = _student_latents(backbone, backbone.load_denoiser(), PROMPTS[0], noise, levels, seed=11)
     assert (teacher - exported).abs().max() > 10 * ATOL  # it is the student that was saved
+
+
+@pytest.mark.parametrize("name", FLOW)
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_one_denoising_step_equals_the_stock_pipelines(backbones, folders, name, guidance):
+    # The stock pipeline's first Euler step (its own CFG, timestep scaling and shift) against ours.
+    backbone = backbones[name]
+    kwargs = {} if backbone.has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(folders[name], **kwargs)
+    num_steps, captured = 3, {}
+
+    def capture(pipeline, index, timestep, tensors):
+        captured.setdefault(index, tensors["latents"].clone())
+        return tensors
+
+    x_t = torch.randn(len(PROMPTS), *backbone.latent_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pipe(PROMPTS, num_inference_steps=num_steps, guidance_scale=guidance, latents=x_t.clone(),
+             output_type="latent", callback_on_step_end=capture)
+    pipe.scheduler.set_timesteps(num_steps)
+    sigma, sigma_next = pipe.scheduler.sigmas[:2].double()
+    level = torch.full((len(PROMPTS),), float(sigma), dtype=torch.float64)
+    torch.testing.assert_close(level, backbone.schedule.levels_from_fraction(torch.full_like(level, 1.0)))
+    with torch.no_grad():
+        x0 = backbone.predict_x0(backbone.load_denoiser(), x_t, level, backbone.encode_prompts(PROMPTS), guidance)
+    velocity = (x_t.double() - x0.double()) / sigma
+    ours = (x_t.double() + (sigma_next - sigma) * velocity).float()
+    torch.testing.assert_close(ours, captured[0], atol=ATOL, rtol=1e-4)
 
 
 def test_export_rejects_other_networks(backbones, tmp_path):

@@ -1,4 +1,4 @@
-"""Tiny random SD1.5 / SDXL / SD3 pipelines in diffusers folder layout, for tests.
+"""Tiny random SD1.5 / SDXL / SD3 / SD3.5 pipelines in diffusers folder layout, for tests.
 
 Every builder uses the real diffusers/transformers classes with a few channels,
 saves the whole pipeline with ``save_pretrained`` (so ``model_index.json`` and
@@ -177,8 +177,17 @@ def make_tiny_sdxl(path: str | Path) -> Path:
     return Path(path)
 
 
-def make_tiny_sd3(path: str | Path, with_t5: bool = False) -> Path:
-    """SD3-layout pipeline (shift 3); without ``with_t5`` the T5 encoder/tokenizer are absent."""
+def make_tiny_sd3(path: str | Path, with_t5: bool = False, sd35: str | None = None) -> Path:
+    """SD3-layout pipeline (shift 3); without ``with_t5`` the T5 encoder/tokenizer are absent.
+
+    ``sd35="medium"``: SD3.5-M's transformer (MMDiT-X: the first block adds a dual self-attention,
+    RMS qk-norm); ``sd35="large"``: SD3.5-L's (RMS qk-norm, shift 5 as its scheduler config has).
+    """
+    variants = {None: ({}, 3.0), "medium": (dict(dual_attention_layers=(0,), qk_norm="rms_norm"), 3.0),
+                "large": (dict(qk_norm="rms_norm"), 5.0)}
+    if sd35 not in variants:
+        raise ValueError(f"unknown sd35 variant {sd35!r}; accepted: {tuple(variants)}")
+    architecture, shift = variants[sd35]
     joint_dim = 48  # T5 width: wider than the concatenated CLIP channels (16 + 16), as in SD3.
     tokenizer = tiny_clip_tokenizer()
     text_encoder_3 = tokenizer_3 = None
@@ -194,17 +203,18 @@ def make_tiny_sd3(path: str | Path, with_t5: bool = False) -> Path:
         sample_size=8,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        num_layers=2 if sd35 else 1,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
         joint_attention_dim=joint_dim,
         pooled_projection_dim=32,
         out_channels=4,
+        **architecture,
     ).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
         text_encoder=tiny_clip_text_encoder(tokenizer, hidden=16, projection=16, seed=2),
         text_encoder_2=tiny_clip_text_encoder(tokenizer, hidden=16, projection=16, seed=3),
