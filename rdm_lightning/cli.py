@@ -7,6 +7,7 @@ and sample files:
 - ``rdm sample --checkpoint CKPT --prompt P --num-per-prompt N --output DIR``
 - ``rdm evaluate --samples DIR/samples.npz``
 - ``rdm export --checkpoint CKPT --output DIR``
+- ``rdm cache-embeddings --config CONFIG --prompts-file F`` (``docs/embedding_cache.md``)
 - ``rdm slurm --config CONFIG --nodes N --gpus-per-node G --time T`` (``docs/runs.md``)
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rdm_lightning import runs
 # field); with this, `--help` shows it beside every option.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-TOOL_COMMANDS = ("sample", "evaluate", "export", "slurm")
+TOOL_COMMANDS = ("sample", "evaluate", "export", "cache-embeddings", "slurm")
 
 
 class RDMLightningCLI(LightningCLI):

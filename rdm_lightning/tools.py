@@ -1,4 +1,5 @@
-"""``rdm sample``, ``rdm evaluate`` and ``rdm export`` work on checkpoints and sample files; ``rdm slurm`` submits a fit."""
+"""``rdm sample``, ``rdm evaluate`` and ``rdm export`` work on checkpoints and sample files; ``rdm cache-embeddings``
+encodes a config's prompts once; ``rdm slurm`` submits a fit."""
 from __future__ import annotations
 
 import argparse
@@ -207,6 +208,55 @@ def export_lora(module, output: str | Path) -> Path:
     return path
 
 
+def merged_configs(paths: list[str]) -> dict:
+    """The YAML configs at ``paths`` merged in order (later mappings override earlier ones key by key), as
+    ``rdm fit --config A --config B`` reads them."""
+    import yaml
+
+    def merge(base: dict, update: dict) -> dict:
+        merged = dict(base)
+        for key, value in update.items():
+            merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        return merged
+
+    config: dict = {}
+    for path in paths:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"--config {path!r} not found")
+        loaded = yaml.safe_load(file.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path!r} is not a YAML mapping file")
+        config = merge(config, loaded)
+    return config
+
+
+def cache_embeddings(args: argparse.Namespace) -> int:
+    """Encode the prompts of ``--prompts-file`` (and ``""``) into the config backbone's embedding cache."""
+    import importlib
+
+    prompts = load_prompts(args.prompts_file)
+    backbone = merged_configs(args.config).get("model", {}).get("init_args", {}).get("backbone")
+    if not isinstance(backbone, dict) or "class_path" not in backbone:
+        raise ValueError(f"--config {' '.join(args.config)} names no model.init_args.backbone.class_path")
+    init_args = dict(backbone.get("init_args") or {})
+    for name in ("path", "embedding_cache"):
+        if getattr(args, name) is not None:
+            init_args[name] = getattr(args, name)
+    if init_args.get("embedding_cache") is None:
+        raise ValueError("no embedding cache folder: set model.init_args.backbone.init_args.embedding_cache or --embedding-cache")
+    init_args["embedding_cache_refresh"] = args.refresh or init_args.get("embedding_cache_refresh", False)
+    module_name, _, class_name = backbone["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls(**init_args)
+    if args.device is not None:
+        model.to(args.device)
+    with tqdm(total=len(model.embedding_cache.missing(["", *prompts])), desc="encoding prompts", unit="prompt") as bar:
+        encoded = model.fill_embedding_cache(prompts, args.batch_size, bar.update)
+    print(json.dumps({"cache": str(model.embedding_cache.folder), "encoded": encoded, "cached": len(model.embedding_cache)}))
+    return encoded
+
+
 def _at_least_one(text: str) -> int:
     """argparse type of a count: an integer >= 1."""
     try:
@@ -259,11 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write only the generator's LoRA (diffusers format, for the teacher pipeline's load_lora_weights)")
     p.set_defaults(run=export)
 
+    p = commands.add_parser("cache-embeddings", help="encode prompts once into the backbone's embedding cache")
+    p.add_argument("--config", action="append", required=True, help="the fit config(s) naming the backbone")
+    p.add_argument("--prompts-file", required=True, help=".txt, .jsonl or .csv of prompts")
+    p.add_argument("--path", default=None, help="the backbone's pipeline folder (default: the config's)")
+    p.add_argument("--embedding-cache", dest="embedding_cache", default=None, help="cache folder (default: the config's)")
+    p.add_argument("--refresh", action="store_true", help="re-encode a cache written by other encoders or settings")
+    p.add_argument("--batch-size", type=_at_least_one, default=32)
+    p.add_argument("--device", default=None, help="where the text encoders run, e.g. cuda (default: cpu)")
+    p.set_defaults(run=cache_embeddings)
+
     add_slurm_parser(commands)
     return parser
 
 
 def main(argv: list[str]) -> None:
-    """Run the tool ``argv[0]`` (``sample``, ``evaluate``, ``export`` or ``slurm``) with the arguments after it."""
+    """Run the tool ``argv[0]`` (``sample``, ``evaluate``, ``export``, ``cache-embeddings`` or ``slurm``) with the
+    arguments after it."""
     args = build_parser().parse_args(argv)
     args.run(args)

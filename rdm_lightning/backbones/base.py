@@ -88,6 +88,10 @@ class Backbone(nn.Module, ABC):
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Text conditioning for a batch of prompts."""
 
+    def flush_embedding_cache(self) -> None:
+        """Write the prompt embeddings encoded since the last flush to the adapter's embedding
+        cache; adapters without one (the default) have nothing to write."""
+
     def empty_conditioning(self, n: int) -> Conditioning:
         """Unconditional branch for CFG: the empty prompt ``""`` by default."""
         return self.encode_prompts([""] * n)

@@ -102,6 +102,11 @@ class SD3Backbone(DiffusersBackbone):
         vae_dtype: dtype of the VAE; ``None`` means ``frozen_dtype``.
         max_sequence_length: number of T5 tokens (the pipeline's default, 256).
         local_files_only: never download; a hub id must already be in the cache.
+        embedding_cache: folder of cached prompt embeddings (``docs/embedding_cache.md``); prompts
+            missing from it are encoded and added, and with every prompt in it the text encoders
+            never load. ``None``: encode every batch.
+        embedding_cache_refresh: re-encode into ``embedding_cache`` when other text encoders or
+            settings wrote it, instead of raising.
 
     Without text_encoder_3/ the T5 tokens are zeros, as in diffusers'
     ``StableDiffusion3Pipeline`` with ``text_encoder_3=None``. The schedule is
@@ -126,21 +131,29 @@ class SD3Backbone(DiffusersBackbone):
         vae_dtype: str | None = None,
         max_sequence_length: int = 256,
         local_files_only: bool = True,
+        embedding_cache: str | None = None,
+        embedding_cache_refresh: bool = False,
     ):
-        super().__init__(path, variant, frozen_dtype, vae_dtype, local_files_only)
+        super().__init__(
+            path, variant, frozen_dtype, vae_dtype, local_files_only, embedding_cache, embedding_cache_refresh
+        )
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(self.subfolder("scheduler")))
         self.transformer_config = dict(SD3Transformer2DModel.load_config(self.subfolder("transformer")))
         self.max_sequence_length = max_sequence_length
         self.prediction = Prediction.FLOW_VELOCITY
 
         self.has_t5 = self.has_subfolder("text_encoder_3")
-        self.load_text_encoders()
 
         patch = self.transformer_config.get("patch_size", 2)
         self.height, self.width = self.image_size(
             height, width, self.transformer_config["sample_size"] * self.vae_scale_factor, self.vae_scale_factor * patch
         )
         self.schedule = self._flow_schedule(patch)
+        self.prepare_text_encoders()
+
+    def text_settings(self) -> dict[str, Any]:
+        """The T5 length (and whether T5 is there: its zeros otherwise)."""
+        return {"max_sequence_length": self.max_sequence_length, "t5": self.has_t5}
 
     def load_text_encoders(self) -> None:
         """CLIP-L and CLIP-G with their projections, and T5 when the folder has text_encoder_3/."""

@@ -18,12 +18,15 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from rdm_lightning.backbones.base import Backbone, Conditioning, require_path, torch_dtype
+from rdm_lightning.backbones.embedding_cache import EmbeddingCache, component_fingerprint
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import VPSchedule
 
 EMPTY_PROMPT_MODES = ("empty_string", "zeros")
 VP_PREDICTIONS = {"epsilon": Prediction.EPSILON, "v_prediction": Prediction.V_PREDICTION}
 EXPORT_MANIFEST = "rdm_export.json"
+# Pipeline components whose files decide the text embeddings (the embedding cache's fingerprint).
+TEXT_COMPONENT_PREFIXES = ("text_encoder", "tokenizer", "processor")
 # LCM's boundary condition mixes the input back in: x̂ = c_out·x̂0 + c_skip·x_t with
 # c_skip = 0.25 / ((s·t)² + 0.25). A DMD2 student predicts x̂0 itself, so a large s
 # makes (c_skip, c_out) = (0, 1) to float precision at every timestep t ≥ 1.
@@ -123,9 +126,15 @@ class DiffusersBackbone(Backbone):
         frozen_dtype: str,
         vae_dtype: str | None,
         local_files_only: bool,
+        embedding_cache: str | None = None,
+        embedding_cache_refresh: bool = False,
     ):
         super().__init__()
         self.variant = variant
+        self.embedding_cache_folder = embedding_cache
+        self.embedding_cache_refresh = embedding_cache_refresh
+        self.embedding_cache: EmbeddingCache | None = None
+        self.text_encoders_loaded = False
         self.frozen_dtype = torch_dtype(frozen_dtype)
         self.folder = resolve_pipeline_folder(path, variant, local_files_only)
         found = pipeline_class_name(self.folder)
@@ -159,10 +168,76 @@ class DiffusersBackbone(Backbone):
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """Run the text encoders on ``prompts`` as the stock pipeline's ``encode_prompt`` does."""
 
+    def text_settings(self) -> dict[str, Any]:
+        """The adapter's settings that change what :meth:`encode_text` returns (e.g. the maximum
+        sequence length); part of the embedding cache's fingerprint."""
+        return {}
+
+    def text_fingerprint(self) -> dict[str, Any]:
+        """What the embeddings depend on: adapter, pipeline, dtype, settings, and the files of every
+        text encoder and tokenizer component (``docs/embedding_cache.md``)."""
+        components = sorted(
+            p.name for p in self.folder.iterdir() if p.is_dir() and p.name.startswith(TEXT_COMPONENT_PREFIXES)
+        )
+        return {
+            "backbone": type(self).__name__,
+            "pipeline": self.pipeline_class,
+            "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."),
+            "settings": self.text_settings(),
+            "components": {name: component_fingerprint(self.folder / name) for name in components},
+        }
+
+    def prepare_text_encoders(self) -> None:
+        """Called at the end of an adapter's ``__init__``: without an embedding cache the text encoders
+        load now; with one they load only if a prompt is missing from it."""
+        if self.embedding_cache_folder is None:
+            self.ensure_text_encoders()
+            return
+        self.embedding_cache = EmbeddingCache(
+            self.embedding_cache_folder, self.text_fingerprint(), refresh=self.embedding_cache_refresh
+        )
+
+    def ensure_text_encoders(self) -> None:
+        """Load the text encoders (once), on the device of the rest of the adapter."""
+        if self.text_encoders_loaded:
+            return
+        before = set(dict(self.named_children()))
+        self.load_text_encoders()
+        for name, child in self.named_children():
+            if name not in before:
+                child.to(self.vae.device)
+        self.text_encoders_loaded = True
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text conditioning for ``prompts`` (:meth:`encode_text`, without gradients)."""
-        return self.encode_text(prompts)
+        """Text conditioning for ``prompts``: from the embedding cache, encoding (and adding) the
+        prompts it does not hold; without a cache, :meth:`encode_text`."""
+        if self.embedding_cache is None:
+            self.ensure_text_encoders()
+            return self.encode_text(prompts)
+        missing = self.embedding_cache.missing(prompts)
+        if missing:
+            self.ensure_text_encoders()
+            self.embedding_cache.add(missing, self.encode_text(missing))
+        cond = self.embedding_cache.get(prompts)
+        return Conditioning({k: v.to(self.vae.device) for k, v in cond.tensors.items()})
+
+    def fill_embedding_cache(self, prompts: Sequence[str], batch_size: int, progress=None) -> int:
+        """Encode the prompts the embedding cache lacks (and the empty prompt), ``batch_size`` at a
+        time; returns how many were encoded. ``progress(n)`` follows each batch."""
+        if self.embedding_cache is None:
+            raise ValueError(f"{type(self).__name__} has no embedding_cache folder to fill: set embedding_cache")
+
+        def encode(chunk: Sequence[str]) -> Conditioning:
+            self.ensure_text_encoders()
+            return self.encode_text(chunk)
+
+        return self.embedding_cache.fill(["", *prompts], encode, batch_size, progress)
+
+    def flush_embedding_cache(self) -> None:
+        """Write the embeddings encoded since the last flush to the cache folder."""
+        if self.embedding_cache is not None:
+            self.embedding_cache.flush()
 
     def subfolder(self, name: str) -> Path:
         """``folder/name``, or a FileNotFoundError naming that path."""
@@ -339,6 +414,11 @@ class StableDiffusionBackbone(DiffusersBackbone):
             embeddings, SDXL); default: ``"zeros"`` when there is a second text
             encoder, else ``"empty_string"``.
         local_files_only: never download; a hub id must already be in the cache.
+        embedding_cache: folder of cached prompt embeddings (``docs/embedding_cache.md``); prompts
+            missing from it are encoded and added, and with every prompt in it the text encoders
+            never load. ``None``: encode every batch.
+        embedding_cache_refresh: re-encode into ``embedding_cache`` when other text encoders or
+            settings wrote it, instead of raising.
 
     SDXL is detected by the presence of text_encoder_2/; its UNet gets the pooled
     embedding of text_encoder_2 and ``time_ids = (h, w, 0, 0, h, w)`` of the image size.
@@ -359,8 +439,12 @@ class StableDiffusionBackbone(DiffusersBackbone):
         vae_dtype: str | None = None,
         empty_prompt_mode: Literal["empty_string", "zeros"] | None = None,
         local_files_only: bool = True,
+        embedding_cache: str | None = None,
+        embedding_cache_refresh: bool = False,
     ):
-        super().__init__(path, variant, frozen_dtype, vae_dtype, local_files_only)
+        super().__init__(
+            path, variant, frozen_dtype, vae_dtype, local_files_only, embedding_cache, embedding_cache_refresh
+        )
         self.scheduler_config = dict(DDPMScheduler.load_config(self.subfolder("scheduler")))
         scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.schedule = VPSchedule(scheduler.alphas_cumprod)
@@ -368,7 +452,6 @@ class StableDiffusionBackbone(DiffusersBackbone):
         self.unet_config = dict(UNet2DConditionModel.load_config(self.subfolder("unet")))
 
         self.is_sdxl = self.pipeline_class == "StableDiffusionXLPipeline"
-        self.load_text_encoders()
 
         mode = empty_prompt_mode or ("zeros" if self.is_sdxl else "empty_string")
         if mode not in EMPTY_PROMPT_MODES:
@@ -381,6 +464,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
             height, width, self.unet_config["sample_size"] * self.vae_scale_factor,
             self.vae_scale_factor * self.unet_downsampling,
         )
+        self.prepare_text_encoders()
 
     def load_text_encoders(self) -> None:
         """CLIP-L (SD1.5), plus OpenCLIP-G with its projection (SDXL)."""

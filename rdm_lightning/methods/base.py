@@ -239,6 +239,9 @@ class DistillationModule(L.LightningModule):
         if self.budget_reached:
             self.trainer.should_stop = True
 
+    def on_train_end(self) -> None:
+        self.backbone.flush_embedding_cache()
+
     # ---- randomness -----------------------------------------------------------------------
     def randn(self, shape: Sequence[int]) -> Tensor:
         """Standard normal noise from the module's own (checkpointed) stream."""
@@ -415,6 +418,8 @@ class DistillationModule(L.LightningModule):
         return self._frozen_role_keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Prompts encoded since the last checkpoint survive a preempted run.
+        self.backbone.flush_embedding_cache()
         # The frozen teacher, backbone and rewards are reloaded from their paths; keep them out.
         state = checkpoint["state_dict"]
         for key in [k for k in state if self.is_frozen_state_key(k)]:
