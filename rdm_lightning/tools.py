@@ -105,14 +105,23 @@ def sample(args: argparse.Namespace) -> Path:
             module.teacher_sampling = dataclasses.replace(module.teacher_sampling, num_steps=args.steps)
     if args.guidance is not None:
         module.teacher_sampling = dataclasses.replace(module.teacher_sampling, guidance_scale=args.guidance)
+    if args.height is not None or args.width is not None:
+        if not hasattr(module.backbone, "set_image_size"):
+            raise ValueError(f"--height/--width: {type(module.backbone).__name__} generates at one fixed size")
+        module.backbone.set_image_size(args.height or module.backbone.height, args.width or module.backbone.width)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
+    module.to(device)
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((len(prompts), *module.backbone.latent_shape), generator=generator)
     batches = []
     start = time.perf_counter()
-    for begin in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling ({args.role})", unit="batch"):
-        chunk = slice(begin, begin + args.batch_size)
-        latents = module.generate(prompts[chunk], noise[chunk], role=args.role, generator=generator)
-        batches.append(module.backbone.decode(latents).cpu())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        for begin in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling ({args.role})", unit="batch"):
+            chunk = slice(begin, begin + args.batch_size)
+            latents = module.generate(prompts[chunk], noise[chunk].to(device), role=args.role, generator=generator)
+            batches.append(module.backbone.decode(latents).float().cpu())
+    module.backbone.flush_embedding_cache()
     seconds = time.perf_counter() - start
     images = torch.cat(batches)
     output = Path(args.output)
@@ -120,7 +129,8 @@ def sample(args: argparse.Namespace) -> Path:
     np.savez(output / "samples.npz", images=images.permute(0, 2, 3, 1).numpy().astype(np.float32), prompts=np.array(prompts))
     scale = max(1, 64 // images.shape[-1])
     save_image_grid(images, output / "grid.png", columns=args.num_per_prompt, scale=scale)
-    info = {"role": args.role, "nfe": module.nfe(args.role), "num_images": len(prompts), "seconds_per_image": seconds / len(prompts)}
+    info = {"role": args.role, "nfe": module.nfe(args.role), "num_images": len(prompts), "device": str(device),
+            "precision": precision, "seconds_per_image": seconds / len(prompts)}
     (output / "sampling.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info))
     return output
@@ -293,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=_finite_float, default=None, help="teacher CFG scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_at_least_one, default=256)
+    p.add_argument("--batch-size", type=_at_least_one, default=256, help="images per generator call")
+    p.add_argument("--height", type=_at_least_one, default=None, help="image height in pixels (default: the checkpoint's)")
+    p.add_argument("--width", type=_at_least_one, default=None, help="image width in pixels (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (bf16 autocast); default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--output", required=True)
     p.set_defaults(run=sample)
 

@@ -324,3 +324,21 @@ def test_lora_only_export_of_a_full_generator_is_refused(fitted_run, tmp_path, c
         main(["export", "--checkpoint", str(fitted_run / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "x"),
               "--lora-only"])
     assert "--lora-only exports the generator's LoRA, but roles.generator.layout is 'full'" in capsys.readouterr().err
+
+
+def test_sample_at_another_size_in_batches(tmp_path, capsys):
+    from tiny_models import make_tiny_sd15
+
+    model = make_tiny_sd15(tmp_path / "sd15")
+    checkpoint = str(fit_tiny_sd15(tmp_path, model, ["a photo of a cat", "a red car"], lr=1e-3))
+    out = tmp_path / "samples"
+    main(["sample", "--checkpoint", checkpoint, "--prompt", "a red car", "--num-per-prompt", "3", "--batch-size", "2",
+          "--height", "24", "--width", "16", "--output", str(out)])
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (3, 24, 16, 3)
+    info = json.loads((out / "sampling.json").read_text())
+    assert info["device"] == "cpu" and info["precision"] == "float32" and info["num_images"] == 3
+    assert "sampling (generator)" in capsys.readouterr().err  # the progress bar
+    with pytest.raises(SystemExit):
+        main(["sample", "--checkpoint", checkpoint, "--prompt", "a red car", "--height", "18", "--output", str(out)])
+    assert "height must be a positive multiple of 4 pixels for this model, got 18" in capsys.readouterr().err

@@ -408,3 +408,24 @@ def test_a_gan_weight_without_the_gan_head_is_an_error():
     with pytest.raises(ValueError, match="gan_generator_weight=0 switches the head off"):
         DMDConfig(gan_discriminator_weight=0.1)
     DMDConfig(gan_generator_weight=0.5, gan_discriminator_weight=0.1)
+
+
+def test_full_generator_starts_from_a_diffusers_model_folder(tmp_path):
+    # FLUX.2-klein: the generator starts from the distilled model's transformer/ folder, the teacher is the base.
+    from diffusers import SD3Transformer2DModel
+
+    from rdm_lightning.methods.roles import read_weights
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                  pooled_projection_dim=16, out_channels=4)
+    state = model.state_dict()
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for folder in ("single", "sharded"):
+        read = read_weights(tmp_path / folder, "roles.generator.init")
+        assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without diffusion_pytorch_model.safetensors"):
+        read_weights(tmp_path / "empty", "roles.generator.init")

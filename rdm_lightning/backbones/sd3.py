@@ -148,7 +148,7 @@ class SD3Backbone(DiffusersBackbone):
         self.height, self.width = self.image_size(
             height, width, self.transformer_config["sample_size"] * self.vae_scale_factor, self.vae_scale_factor * patch
         )
-        self.schedule = self._flow_schedule(patch)
+        self.schedule = self.schedule_for_image_size()
         self.prepare_text_encoders()
 
     def text_settings(self) -> dict[str, Any]:
@@ -165,7 +165,9 @@ class SD3Backbone(DiffusersBackbone):
             self.tokenizer_3 = self.load_tokenizer("tokenizer_3")
             self.text_encoder_3 = self.load_text_encoder(T5EncoderModel, "text_encoder_3")
 
-    def _flow_schedule(self, patch: int) -> FlowSchedule:
+    def schedule_for_image_size(self) -> FlowSchedule:
+        """The scheduler's static shift, or its dynamic shift at the current image size."""
+        patch = self.transformer_config.get("patch_size", 2)
         config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
         if not config.use_dynamic_shifting:
             return FlowSchedule(shift=config.shift)

@@ -157,8 +157,20 @@ class DiffusersBackbone(Backbone):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def image_size(self, height: int | None, width: int | None, default: int, multiple: int) -> tuple[int, int]:
-        """The configured ``(height, width)`` (each defaulting to ``default`` pixels), checked against ``multiple``."""
+        """The configured ``(height, width)`` (each defaulting to ``default`` pixels), checked against
+        ``multiple``, which :meth:`set_image_size` checks later sizes against too."""
+        self.image_multiple = multiple
         return check_image_size(default if height is None else height, default if width is None else width, multiple)
+
+    def set_image_size(self, height: int, width: int) -> None:
+        """Generate at ``height`` × ``width`` pixels from now on (``rdm sample --height/--width``); a
+        resolution-dependent schedule (the FLUX dynamic shift) follows the new size."""
+        self.height, self.width = check_image_size(height, width, self.image_multiple)
+        self.schedule = self.schedule_for_image_size()
+
+    def schedule_for_image_size(self):
+        """The noise schedule at the current image size; size-independent by default."""
+        return self.schedule
 
     @abstractmethod
     def load_text_encoders(self) -> None:

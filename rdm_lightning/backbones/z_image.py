@@ -210,7 +210,7 @@ class ZImageBackbone(DiffusersBackbone):
         captions = [embed[keep] for embed, keep in zip(embeds, mask)]
         latents = list(x_t.to(dtype).unsqueeze(2).unbind(0))
         output = network(latents, (1000 - t) / 1000, captions, return_dict=False)[0]
-        return torch.stack(output).squeeze(2)
+        return -torch.stack(output).squeeze(2)
 
     def export(self, network: nn.Module, output_dir: str | Path, num_steps: int, levels: Tensor) -> Path:
         """Save a stock ``ZImagePipeline`` folder: the student transformer and a stochastic flow scheduler.

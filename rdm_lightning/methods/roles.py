@@ -16,6 +16,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from itertools import chain
+import json
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -57,8 +58,8 @@ class RoleConfig:
     """Recompute the role network's activations in the backward pass instead of storing them (the
     network's own ``enable_gradient_checkpointing``: diffusers models, the digits denoiser)."""
     init: str | None = None
-    """A file to start from: the network's weights (``.safetensors`` or a torch state dict; ``full``,
-    and the frozen base of ``lora``), or LoRA weights in diffusers' format (the adapter of ``lora`` and
+    """A file to start from: the network's weights (``.safetensors``, a torch state dict, or a diffusers
+    model folder such as a distilled model's ``transformer/``; ``full``, and the frozen base of ``lora``), or LoRA weights in diffusers' format (the adapter of ``lora`` and
     ``shared_lora``: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``, optionally under ``unet.``
     or ``transformer.``, as ``save_lora_weights`` writes them)."""
 
@@ -112,9 +113,22 @@ class RolesConfig:
 
 
 def read_weights(path: str | Path, what: str) -> dict[str, Tensor]:
-    """The tensors of a ``.safetensors`` file or a torch state dict (a Lightning checkpoint's ``state_dict``
-    is not accepted: pass the network's own weights)."""
+    """The tensors of a ``.safetensors`` file, a torch state dict (a Lightning checkpoint's ``state_dict``
+    is not accepted: pass the network's own weights), or a diffusers model folder (its
+    ``diffusion_pytorch_model*.safetensors`` files, sharded or not: e.g. another model's ``transformer/``)."""
     path = require_path(path, what)
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        index = path / "diffusion_pytorch_model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            shards = [path / "diffusion_pytorch_model.safetensors"]
+        if not all(shard.is_file() for shard in shards):
+            raise ValueError(f"{what} {str(path)!r} is a folder without diffusion_pytorch_model.safetensors (or the "
+                             "shards its .index.json names): a diffusers model folder, e.g. a pipeline's transformer/")
+        return {key: value for shard in shards for key, value in load_file(str(shard)).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
