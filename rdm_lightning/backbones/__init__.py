@@ -4,8 +4,9 @@ from rdm_lightning.backbones.digits import DigitsBackbone
 from rdm_lightning.backbones.mixture import MixtureBackbone, MixtureDataModule, MixtureLayout
 from rdm_lightning.backbones.sd3 import SD3Backbone
 from rdm_lightning.backbones.stable_diffusion import StableDiffusionBackbone
+from rdm_lightning.backbones.z_image import ZImageBackbone
 
 __all__ = [
     "Backbone", "Conditioning", "DigitsBackbone", "MixtureBackbone", "MixtureDataModule", "MixtureLayout", "SD3Backbone",
-    "StableDiffusionBackbone",
+    "StableDiffusionBackbone", "ZImageBackbone",
 ]

@@ -268,7 +268,7 @@ class FluxBackbone(DiffusersBackbone):
         output = network(
             hidden_states=FluxPipeline._pack_latents(x_t.to(dtype).contiguous(), batch, channels, height, width),
             timestep=timestep,
-            guidance=None if guidance is None else torch.full((batch,), guidance, dtype=torch.float32, device=device),
+            guidance=None if guidance is None else torch.full((batch,), 1.1 * guidance, dtype=torch.float32, device=device),
             pooled_projections=cond.tensors["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=embeds,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),

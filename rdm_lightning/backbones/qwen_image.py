@@ -13,7 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -144,7 +149,9 @@ class QwenImageBackbone(DiffusersBackbone):
             )
         self.prediction = Prediction.FLOW_VELOCITY
         # The template and its limits are set in the pipeline's __init__: read them off a bare one.
-        self.prompt_pipeline = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+        self.prompt_pipeline = QwenImagePipeline(
+            scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None
+        )
         limit = self.prompt_pipeline.tokenizer_max_length
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
             raise ValueError(f"max_sequence_length must be an integer in [1, {limit}], got {max_sequence_length!r}")
@@ -172,7 +179,7 @@ class QwenImageBackbone(DiffusersBackbone):
         }
 
     def load_text_encoders(self) -> None:
-        """The Qwen2 tokenizer and Qwen2.5-VL, registered on a componentless pipeline whose ``encode_prompt`` runs them."""
+        """The Qwen2 tokenizer and Qwen2.5-VL, registered on the bare pipeline whose ``encode_prompt`` runs them."""
         self.tokenizer = self.load_tokenizer("tokenizer")
         self.text_encoder = self.load_text_encoder(Qwen2_5_VLForConditionalGeneration, "text_encoder")
         self.prompt_pipeline.register_modules(text_encoder=self.text_encoder, tokenizer=self.tokenizer)
@@ -232,7 +239,9 @@ class QwenImageBackbone(DiffusersBackbone):
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         pad = self.max_sequence_length - embeds.shape[1]
-        return Conditioning({"prompt_embeds": F.pad(embeds, (0, 0, 0, pad)), "prompt_embeds_mask": F.pad(mask, (0, pad))})
+        return Conditioning(
+            {"prompt_embeds": F.pad(embeds, (0, 0, 0, pad)), "prompt_embeds_mask": F.pad(mask, (0, pad))}
+        )
 
     def empty_conditioning(self, n: int) -> Conditioning:
         """CFG's unconditional branch: ``negative_prompt``, encoded once per run, repeated ``n`` times."""
@@ -290,7 +299,7 @@ class QwenImageBackbone(DiffusersBackbone):
         return mean, inv_std
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents ``(z − mean)/std`` to images in ``[0, 1]`` (float32) through the one-frame video VAE; differentiable."""
+        """Latents ``(z − mean)/std`` to images in ``[0, 1]`` (float32), as one-frame videos; differentiable."""
         z = latents.unsqueeze(2).to(self.vae.dtype)
         mean, inv_std = self._latent_statistics(z)
         images = self.vae.decode(z / inv_std + mean).sample[:, :, 0]

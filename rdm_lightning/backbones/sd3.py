@@ -86,6 +86,21 @@ def _fit_shift(sigmas: Tensor, num_train_timesteps: int) -> float:
     return shift
 
 
+def flow_schedule_for(scheduler_config: dict[str, Any], image_tokens: int) -> FlowSchedule:
+    """The schedule of a FlowMatchEulerDiscreteScheduler config: its static shift, or with
+    ``use_dynamic_shifting`` the FLUX dynamic shift at μ of ``image_tokens`` (the number of
+    transformer tokens of the image, as the pipelines compute μ from)."""
+    config = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).config
+    if not config.use_dynamic_shifting:
+        return FlowSchedule(shift=config.shift)
+    if config.time_shift_type != "exponential":
+        raise ValueError(
+            f"unsupported time_shift_type {config.time_shift_type!r} for dynamic shifting; accepted: 'exponential'"
+        )
+    mu = flux_mu(image_tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    return FlowSchedule(dynamic_shift_mu=mu)
+
+
 class SD3Backbone(DiffusersBackbone):
     """SD3 / SD3.5 pipelines: ``SD3Transformer2DModel`` predicting the flow velocity.
 
@@ -168,17 +183,7 @@ class SD3Backbone(DiffusersBackbone):
     def schedule_for_image_size(self) -> FlowSchedule:
         """The scheduler's static shift, or its dynamic shift at the current image size."""
         patch = self.transformer_config.get("patch_size", 2)
-        config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
-        if not config.use_dynamic_shifting:
-            return FlowSchedule(shift=config.shift)
-        if config.time_shift_type != "exponential":
-            raise ValueError(
-                f"unsupported time_shift_type {config.time_shift_type!r} for dynamic shifting; accepted: 'exponential'"
-            )
-        # μ from the number of image tokens, as the pipeline computes it at this resolution.
-        tokens = (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
-        mu = flux_mu(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
-        return FlowSchedule(dynamic_shift_mu=mu)
+        return flow_schedule_for(self.scheduler_config, (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from transformers import Qwen3ForCausalLM, Qwen3Model
 
 from rdm_lightning.backbones.base import Conditioning
-from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE
+from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE, flow_schedule_for
 from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for, network_dtype
 from rdm_lightning.core.parameterization import Prediction
-from rdm_lightning.core.schedules import FlowSchedule, flux_mu
+from rdm_lightning.core.schedules import FlowSchedule
 
 DEFAULT_SIZE = 1024  # ZImagePipeline: height = height or 1024
 PATCH_SIZE = 2  # the transformer's forward default, which the pipeline uses (and its μ token count assumes)
@@ -92,6 +92,11 @@ class ZImageBackbone(DiffusersBackbone):
         max_sequence_length: number of Qwen tokens of the chat-templated prompt (the pipeline's
             default, 512); longer prompts are truncated there, as the pipeline does.
         local_files_only: never download; a hub id must already be in the cache.
+        embedding_cache: folder of cached prompt embeddings (``docs/embedding_cache.md``); prompts
+            missing from it are encoded and added, and with every prompt in it the text encoder
+            never loads. ``None``: encode every batch.
+        embedding_cache_refresh: re-encode into ``embedding_cache`` when other text encoders or
+            settings wrote it, instead of raising.
 
     The schedule is the scheduler's static shift (3.0 in Z-Image-Turbo's scheduler config), or
     the FLUX dynamic shift at this image size when ``use_dynamic_shifting`` is set, with μ from
@@ -119,15 +124,23 @@ class ZImageBackbone(DiffusersBackbone):
         vae_dtype: str | None = None,
         max_sequence_length: int = 512,
         local_files_only: bool = True,
+        embedding_cache: str | None = None,
+        embedding_cache_refresh: bool = False,
     ):
-        super().__init__(path, variant, frozen_dtype, vae_dtype, local_files_only)
+        super().__init__(
+            path, variant, frozen_dtype, vae_dtype, local_files_only, embedding_cache, embedding_cache_refresh
+        )
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(self.subfolder("scheduler")))
         self.transformer_config = dict(ZImageTransformer2DModel.load_config(self.subfolder("transformer")))
         self.max_sequence_length = max_sequence_length
         self.prediction = Prediction.FLOW_VELOCITY
         self.height, self.width = self.image_size(height, width, DEFAULT_SIZE, self.vae_scale_factor * PATCH_SIZE)
-        self.schedule = self._flow_schedule()
-        self.load_text_encoders()
+        self.schedule = self.schedule_for_image_size()
+        self.prepare_text_encoders()
+
+    def text_settings(self) -> dict[str, Any]:
+        """The Qwen token length (of the chat-templated prompt)."""
+        return {"max_sequence_length": self.max_sequence_length}
 
     def load_text_encoders(self) -> None:
         """The Qwen2 tokenizer and the Qwen3 text encoder (the class model_index.json names)."""
@@ -144,18 +157,11 @@ class ZImageBackbone(DiffusersBackbone):
             )
         return TEXT_ENCODER_CLASSES[name]
 
-    def _flow_schedule(self) -> FlowSchedule:
-        config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
-        if not config.use_dynamic_shifting:
-            return FlowSchedule(shift=config.shift)
-        if config.time_shift_type != "exponential":
-            raise ValueError(
-                f"unsupported time_shift_type {config.time_shift_type!r} for dynamic shifting; accepted: 'exponential'"
-            )
-        # ZImagePipeline: image_seq_len = (latent H // 2)·(latent W // 2).
+    def schedule_for_image_size(self) -> FlowSchedule:
+        """The scheduler's static shift, or its dynamic shift with μ of ``(latent H / 2)·(latent W / 2)``
+        image tokens, as ``ZImagePipeline`` computes it."""
         tokens = (self.latent_shape[1] // PATCH_SIZE) * (self.latent_shape[2] // PATCH_SIZE)
-        mu = flux_mu(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
-        return FlowSchedule(dynamic_shift_mu=mu)
+        return flow_schedule_for(self.scheduler_config, tokens)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
