@@ -11,7 +11,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ZImage
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
 from rdm_lightning.backbones.stable_diffusion import EXPORT_MANIFEST
-from rdm_lightning.backbones.z_image import ZImageBackbone, z_image_scheduler_for
+from rdm_lightning.backbones.flux import flux_scheduler_for
+from rdm_lightning.backbones.z_image import ZImageBackbone
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.sampling import few_step_sample
 from rdm_lightning.core.schedules import FlowSchedule
@@ -260,7 +261,7 @@ def test_lora_targets_are_the_attention_projections(backbones):
 @pytest.mark.parametrize("num_steps", [1, 2, 4, 6])
 def test_scheduler_reaches_student_sigmas(backbones, shift, num_steps):
     levels = FlowSchedule(shift=shift).generator_levels(num_steps)
-    scheduler = z_image_scheduler_for(backbones["static"].scheduler_config, levels)
+    scheduler = flux_scheduler_for(backbones["static"].scheduler_config, levels)
     assert scheduler.config.stochastic_sampling and not scheduler.config.use_dynamic_shifting
     scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_steps), mu=0.7)  # as the pipeline calls it
     torch.testing.assert_close(scheduler.sigmas[:-1].double(), levels, atol=1e-6, rtol=0)
@@ -271,7 +272,7 @@ def test_scheduler_reaches_a_grid_stretched_to_a_terminal_sigma(backbones):
     shifted = FlowSchedule(shift=2.0).generator_levels(4)
     # The scheduler's shift_terminal stretch of 1 − σ, to end at σ = 0.1.
     levels = 1 - (1 - shifted) * (1 - 0.1) / (1 - shifted[-1])
-    scheduler = z_image_scheduler_for(backbones["static"].scheduler_config, levels)
+    scheduler = flux_scheduler_for(backbones["static"].scheduler_config, levels)
     assert scheduler.config.shift == pytest.approx(2.0) and scheduler.config.shift_terminal == pytest.approx(0.1)
     scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(4))
     torch.testing.assert_close(scheduler.sigmas[:-1].double(), levels, atol=1e-6, rtol=0)
@@ -280,7 +281,7 @@ def test_scheduler_reaches_a_grid_stretched_to_a_terminal_sigma(backbones):
 def test_scheduler_rejects_unreachable_sigmas(backbones):
     for levels in ([0.8], [1.0, 0.9, 0.2, 0.1]):
         with pytest.raises(ValueError, match="levels"):
-            z_image_scheduler_for(backbones["static"].scheduler_config, torch.tensor(levels, dtype=torch.float64))
+            flux_scheduler_for(backbones["static"].scheduler_config, torch.tensor(levels, dtype=torch.float64))
 
 
 def _student_latents(backbone, student, prompt: str, noise: torch.Tensor, levels: torch.Tensor, seed: int):

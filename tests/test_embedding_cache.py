@@ -3,6 +3,7 @@ stale caches detected, the empty prompt encoded once, and ``rdm cache-embeddings
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def test_processes_filling_one_cache_see_each_others_shards(tmp_path):
         torch.testing.assert_close(cache.get(["c", "a"]).tensors["x"], torch.cat([rows["c"], rows["a"]]))
     with pytest.raises(KeyError, match="'d' is not in the embedding cache"):
         first.get(["a", "d"])
+    first.add(["d"], Conditioning({"x": rows["a"]}))
+    copy = pickle.loads(pickle.dumps(first))  # a module's hyperparameters deep-copy its backbone
+    assert len(copy) == 4 and torch.equal(copy.get(["c", "d"]).tensors["x"], torch.cat([rows["c"], rows["a"]]))
 
 
 def test_a_cache_of_other_settings_or_encoders_is_detected(sd3_t5, tmp_path):

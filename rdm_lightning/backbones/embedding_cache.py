@@ -107,6 +107,17 @@ class EmbeddingCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(file, (json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n").encode())
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Open shard handles do not pickle (a module's saved hyperparameters deep-copy its backbone):
+        # a copy re-opens the folder's shards.
+        state = dict(self.__dict__)
+        state.update(_rows={}, _handles={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.reload()
+
     def reload(self) -> None:
         """Index the shards now in the folder (other processes may have added some)."""
         for shard in sorted(self.folder.glob(SHARD_GLOB)):

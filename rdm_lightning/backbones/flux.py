@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, T5EncoderModel
 
 from rdm_lightning.backbones.base import Conditioning
-from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE
+from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE, flow_schedule_for
 from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for, network_dtype
 from rdm_lightning.core.parameterization import Prediction
-from rdm_lightning.core.schedules import FlowSchedule, flux_mu
+from rdm_lightning.core.schedules import FlowSchedule
 
 PIPELINE_GUIDANCE = 3.5
 """``FluxPipeline.__call__``'s default ``guidance_scale`` (the embedded guidance of FLUX.1-dev)."""
@@ -37,15 +37,17 @@ STRETCH_TOLERANCE = 1e-6
 
 
 def flux_pipeline_sigmas(num_steps: int) -> np.ndarray:
-    """The unshifted sigmas ``FluxPipeline`` passes to ``set_timesteps``: ``linspace(1, 1/N, N)``."""
+    """The unshifted sigmas ``FluxPipeline`` (and the FLUX.2, Qwen-Image and Z-Image pipelines) pass to
+    ``set_timesteps``: ``linspace(1, 1/N, N)``, i.e. ``1 − i/N``."""
     return np.linspace(1.0, 1 / num_steps, num_steps)
 
 
-def flux_scheduler_for(scheduler_config: dict[str, Any], levels: Tensor, mu: float) -> FlowMatchEulerDiscreteScheduler:
+def flux_scheduler_for(scheduler_config: dict[str, Any], levels: Tensor) -> FlowMatchEulerDiscreteScheduler:
     """A stochastic FlowMatchEulerDiscreteScheduler on which ``FluxPipeline`` steps through σ = ``levels``.
 
-    The pipeline calls ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=μ)``. The
-    scheduler returned has a static shift ``s`` (``mu`` is then ignored, so the
+    The pipeline calls ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=μ)``, as do the FLUX.2,
+    Qwen-Image and Z-Image pipelines, which export through this function too. The
+    scheduler returned has a static shift ``s`` (μ is then ignored, so the
     exported pipeline samples the student's levels at any image size, not levels
     re-shifted for the size asked for) and, where needed, a ``shift_terminal``
     stretch: with ``v = i/N`` and ``ρ = 1 − σ`` these give ``1/ρ = a/v + b`` with
@@ -58,7 +60,7 @@ def flux_scheduler_for(scheduler_config: dict[str, Any], levels: Tensor, mu: flo
     sigmas = levels.to(torch.float64)
     num_steps = len(sigmas)
     if abs(float(sigmas[0]) - 1.0) > SIGMA_TOLERANCE:
-        raise ValueError(f"FluxPipeline always starts at σ = 1; got levels {sigmas.tolist()}")
+        raise ValueError(f"the FLUX-style pipelines always start at σ = 1; got levels {sigmas.tolist()}")
     shift, stretch = _fit_shift_and_stretch(sigmas)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         config_for(FlowMatchEulerDiscreteScheduler, scheduler_config),
@@ -71,12 +73,12 @@ def flux_scheduler_for(scheduler_config: dict[str, Any], levels: Tensor, mu: flo
         use_exponential_sigmas=False,
         use_beta_sigmas=False,
     )
-    scheduler.set_timesteps(sigmas=flux_pipeline_sigmas(num_steps), mu=mu)
+    scheduler.set_timesteps(sigmas=flux_pipeline_sigmas(num_steps))  # the pipeline's μ changes nothing here
     got = scheduler.sigmas[:-1].double()
     if not torch.allclose(got, sigmas, atol=SIGMA_TOLERANCE, rtol=0):
         raise ValueError(
             f"no FlowMatchEulerDiscreteScheduler shift (with a terminal stretch) reproduces levels "
-            f"{sigmas.tolist()} on FluxPipeline's grid linspace(1, 1/{num_steps}, {num_steps}) "
+            f"{sigmas.tolist()} on the pipeline's grid linspace(1, 1/{num_steps}, {num_steps}) "
             f"(best fit gives {got.tolist()})"
         )
     return scheduler
@@ -183,8 +185,7 @@ class FluxBackbone(DiffusersBackbone):
         self.height, self.width = self.image_size(
             height, width, DEFAULT_SAMPLE_SIZE * self.vae_scale_factor, self.vae_scale_factor * PACKING
         )
-        self.mu = self._pipeline_mu()
-        self.schedule = self._flow_schedule()
+        self.schedule = self.schedule_for_image_size()
         self.prepare_text_encoders()
 
     def text_settings(self) -> dict[str, Any]:
@@ -198,28 +199,11 @@ class FluxBackbone(DiffusersBackbone):
         self.tokenizer_2 = self.load_tokenizer("tokenizer_2")
         self.text_encoder_2 = self.load_text_encoder(T5EncoderModel, "text_encoder_2")
 
-    def _pipeline_mu(self) -> float:
-        """μ as ``FluxPipeline`` computes it for this size: from the packed token count and the scheduler
-        config, with the pipeline's defaults for missing entries."""
+    def schedule_for_image_size(self) -> FlowSchedule:
+        """The scheduler's static shift, or its dynamic shift with μ of the ``(latent H / 2)·(latent W / 2)``
+        packed image tokens, as ``FluxPipeline`` computes it (``calculate_shift``)."""
         _, latent_height, latent_width = self.latent_shape
-        config = self.scheduler_config
-        return flux_mu(
-            (latent_height // PACKING) * (latent_width // PACKING),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-
-    def _flow_schedule(self) -> FlowSchedule:
-        config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
-        if not config.use_dynamic_shifting:
-            return FlowSchedule(shift=config.shift)
-        if config.time_shift_type != "exponential":
-            raise ValueError(
-                f"unsupported time_shift_type {config.time_shift_type!r} for dynamic shifting; accepted: 'exponential'"
-            )
-        return FlowSchedule(dynamic_shift_mu=self.mu)
+        return flow_schedule_for(self.scheduler_config, (latent_height // PACKING) * (latent_width // PACKING))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -268,7 +252,7 @@ class FluxBackbone(DiffusersBackbone):
         output = network(
             hidden_states=FluxPipeline._pack_latents(x_t.to(dtype).contiguous(), batch, channels, height, width),
             timestep=timestep,
-            guidance=None if guidance is None else torch.full((batch,), 1.1 * guidance, dtype=torch.float32, device=device),
+            guidance=None if guidance is None else torch.full((batch,), guidance, dtype=torch.float32, device=device),
             pooled_projections=cond.tensors["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=embeds,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
@@ -290,7 +274,7 @@ class FluxBackbone(DiffusersBackbone):
         from the global torch RNG, in the packed token layout.
         """
         levels = check_levels(levels, num_steps)
-        scheduler = flux_scheduler_for(self.scheduler_config, levels, self.mu)
+        scheduler = flux_scheduler_for(self.scheduler_config, levels)
         manifest: dict[str, Any] = dict(
             num_steps=num_steps,
             timesteps=scheduler.timesteps.tolist(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -19,14 +18,13 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from rdm_lightning.backbones.base import Conditioning
-from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE
+from rdm_lightning.backbones.sd3 import flow_schedule_for
 from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
-from rdm_lightning.backbones.z_image import z_image_scheduler_for
+from rdm_lightning.backbones.flux import flux_scheduler_for
 from rdm_lightning.core.dmd import classifier_free_guidance
 from rdm_lightning.core.parameterization import Prediction, prediction_to_x0
 from rdm_lightning.core.schedules import FlowSchedule
@@ -35,29 +33,6 @@ PATCH_SIZE = 2  # QwenImagePipeline packs 2×2 latent patches into one token
 NEGATIVE_PROMPT = " "
 """The Qwen-Image model card's negative prompt when there is no concept to remove (the pipeline
 itself runs CFG only when given one)."""
-
-
-def pipeline_sigmas(num_steps: int) -> np.ndarray:
-    """The sigmas ``QwenImagePipeline(num_inference_steps=N)`` hands its scheduler (before shifting)."""
-    return np.linspace(1.0, 1 / num_steps, num_steps)
-
-
-def qwen_image_scheduler_for(
-    scheduler_config: dict[str, Any], levels: Tensor, mu: float
-) -> FlowMatchEulerDiscreteScheduler:
-    """A stochastic FlowMatchEulerDiscreteScheduler with which ``QwenImagePipeline`` samples at σ = ``levels``.
-
-    The pipeline's sigmas ``1 − i/N`` are those of ``ZImagePipeline``, so the static shift and
-    terminal stretch are fitted as :func:`~rdm_lightning.backbones.z_image.z_image_scheduler_for`
-    does (dynamic shifting off, so the ``mu`` the pipeline passes is ignored). Checked against
-    the pipeline's own ``set_timesteps(sigmas=..., mu=mu)`` call; other level sets raise a ValueError.
-    """
-    scheduler = z_image_scheduler_for(scheduler_config, levels)
-    scheduler.set_timesteps(sigmas=pipeline_sigmas(len(levels)), mu=mu)
-    got = scheduler.sigmas[:-1].double()
-    if not torch.allclose(got, levels.double(), atol=SIGMA_TOLERANCE, rtol=0):
-        raise ValueError(f"exported scheduler gives QwenImagePipeline sigmas {got.tolist()}, not {levels.tolist()}")
-    return scheduler
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -162,7 +137,7 @@ class QwenImageBackbone(DiffusersBackbone):
             height, width, self.prompt_pipeline.default_sample_size * self.vae_scale_factor,
             self.vae_scale_factor * PATCH_SIZE,
         )
-        self.schedule = self._flow_schedule()
+        self.schedule = self.schedule_for_image_size()
         self.prepare_text_encoders()
 
     def _vae_scale_factor(self) -> int:
@@ -184,30 +159,11 @@ class QwenImageBackbone(DiffusersBackbone):
         self.text_encoder = self.load_text_encoder(Qwen2_5_VLForConditionalGeneration, "text_encoder")
         self.prompt_pipeline.register_modules(text_encoder=self.text_encoder, tokenizer=self.tokenizer)
 
-    def _image_tokens(self) -> int:
+    def schedule_for_image_size(self) -> FlowSchedule:
+        """The scheduler's static shift, or its dynamic shift with μ of the ``(latent H / 2)·(latent W / 2)``
+        packed image tokens, as ``QwenImagePipeline`` computes it (``calculate_shift(latents.shape[1])``)."""
         _, height, width = self.latent_shape
-        return (height // PATCH_SIZE) * (width // PATCH_SIZE)
-
-    def _mu(self) -> float:
-        """μ of the dynamic shift, as ``QwenImagePipeline`` computes it from the number of image tokens."""
-        config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
-        return calculate_shift(
-            self._image_tokens(),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-
-    def _flow_schedule(self) -> FlowSchedule:
-        config = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).config
-        if not config.use_dynamic_shifting:
-            return FlowSchedule(shift=config.shift)
-        if config.time_shift_type != "exponential":
-            raise ValueError(
-                f"unsupported time_shift_type {config.time_shift_type!r} for dynamic shifting; accepted: 'exponential'"
-            )
-        return FlowSchedule(dynamic_shift_mu=self._mu())
+        return flow_schedule_for(self.scheduler_config, (height // PATCH_SIZE) * (width // PATCH_SIZE))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -321,7 +277,7 @@ class QwenImageBackbone(DiffusersBackbone):
         ``width`` (and ``true_cfg_scale`` 1).
         """
         levels = check_levels(levels, num_steps)
-        scheduler = qwen_image_scheduler_for(self.scheduler_config, levels, self._mu())
+        scheduler = flux_scheduler_for(self.scheduler_config, levels)
         manifest: dict[str, Any] = dict(
             num_steps=num_steps,
             timesteps=scheduler.timesteps.tolist(),

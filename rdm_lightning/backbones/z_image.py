@@ -12,13 +12,13 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch import Tensor, nn
 from transformers import Qwen3ForCausalLM, Qwen3Model
 
 from rdm_lightning.backbones.base import Conditioning
-from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE, flow_schedule_for
-from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for, network_dtype
+from rdm_lightning.backbones.flux import flux_scheduler_for
+from rdm_lightning.backbones.sd3 import flow_schedule_for
+from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule
 
@@ -27,54 +27,6 @@ PATCH_SIZE = 2  # the transformer's forward default, which the pipeline uses (an
 TEXT_ENCODER_CLASSES = {"Qwen3Model": Qwen3Model, "Qwen3ForCausalLM": Qwen3ForCausalLM}
 NO_GUIDANCE = 0.0
 """ZImagePipeline's ``guidance_scale`` that turns CFG off (it runs CFG for any value > 0)."""
-
-
-def z_image_scheduler_for(scheduler_config: dict[str, Any], levels: Tensor) -> FlowMatchEulerDiscreteScheduler:
-    """A stochastic FlowMatchEulerDiscreteScheduler with which ``ZImagePipeline`` samples at σ = ``levels``.
-
-    ``ZImagePipeline(num_inference_steps=N)`` always hands the scheduler the sigmas
-    ``u_i = 1 − i/N`` (``get_default_z_image_sigmas``), which it shifts statically,
-    ``σ' = s·u / (1 + (s−1)·u)``, then stretches so that the last σ is ``shift_terminal``:
-    ``1 − σ = (1 − σ')/k``. With ``ρ = 1 − σ`` and ``v = i/N`` that is ``1/ρ = a/v + b``
-    with ``a = k·s`` and ``b = −k·(s − 1)``, so a line fit gives ``s = a/(a + b)``: exact for any
-    shifted grid (static shift, or the FLUX dynamic shift μ, which is the static shift ``e^μ``).
-    ``stochastic_sampling=True`` re-noises x̂0 to the next σ with fresh noise (the ``"sde"`` rule).
-    Other level sets raise a ValueError.
-    """
-    sigmas = levels.to(torch.float64)
-    num_steps = len(sigmas)
-    if abs(float(sigmas[0]) - 1.0) > SIGMA_TOLERANCE:
-        raise ValueError(f"ZImagePipeline's sigmas always start at σ = 1; got levels {sigmas.tolist()}")
-    overrides: dict[str, Any] = dict(
-        use_dynamic_shifting=False,
-        stochastic_sampling=True,
-        invert_sigmas=False,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        shift_terminal=None,
-    )
-    if num_steps == 2:
-        # One free level: the shift alone reaches it (σ_1 = s/(s + 1) at u = 1/2).
-        overrides["shift"] = float(sigmas[1] / (1.0 - sigmas[1]))
-    elif num_steps > 2:
-        index = torch.arange(1, num_steps, dtype=torch.float64)
-        design = torch.stack([num_steps / index, torch.ones_like(index)], dim=1)
-        a, b = torch.linalg.lstsq(design, (1.0 / (1.0 - sigmas[1:])).unsqueeze(1)).solution.flatten().tolist()
-        if a + b <= 0 or a / (a + b) <= 0:
-            raise ValueError(f"levels {sigmas.tolist()} are not a shifted flow grid (fit a={a}, b={b})")
-        overrides.update(shift=a / (a + b), shift_terminal=float(sigmas[-1]))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        config_for(FlowMatchEulerDiscreteScheduler, scheduler_config), **overrides
-    )
-    scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_steps))
-    got = scheduler.sigmas[:-1].double()
-    if not torch.allclose(got, sigmas, atol=SIGMA_TOLERANCE, rtol=0):
-        raise ValueError(
-            f"no FlowMatchEulerDiscreteScheduler shift reproduces levels {sigmas.tolist()} from ZImagePipeline's "
-            f"sigmas 1 − i/N (best fit gives {got.tolist()})"
-        )
-    return scheduler
 
 
 class ZImageBackbone(DiffusersBackbone):
@@ -226,7 +178,7 @@ class ZImageBackbone(DiffusersBackbone):
         ``guidance_scale`` (the pipeline's "no CFG", not the usual 1.0) with the timesteps and sigmas.
         """
         levels = check_levels(levels, num_steps)
-        scheduler = z_image_scheduler_for(self.scheduler_config, levels)
+        scheduler = flux_scheduler_for(self.scheduler_config, levels)
         manifest = dict(
             num_steps=num_steps,
             timesteps=scheduler.timesteps.tolist(),
