@@ -88,6 +88,13 @@ class Backbone(nn.Module, ABC):
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Text conditioning for a batch of prompts."""
 
+    def sampler_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Fresh noise of a stochastic sampler step, shaped like ``like``: i.i.d. normal, drawn on the
+        generator's device (CPU) and moved. A family whose stock pipeline draws it in a packed token
+        layout draws it in that order and unpacks it, so that the exported pipeline and the library's
+        sampler put the same draws on the same latent cells."""
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
     def flush_embedding_cache(self) -> None:
         """Write the prompt embeddings encoded since the last flush to the adapter's embedding
         cache; adapters without one (the default) have nothing to write."""

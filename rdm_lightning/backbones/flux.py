@@ -264,6 +264,15 @@ class FluxBackbone(DiffusersBackbone):
         factor = self.vae_scale_factor
         return FluxPipeline._unpack_latents(output, height * factor, width * factor, factor)
 
+    def sampler_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Fresh noise drawn in ``FluxPipeline``'s packed ``(B, H/2·W/2, 4·C)`` token order (as its
+        stochastic scheduler draws it) and unpacked: the export then samples as the library does."""
+        batch, channels, height, width = like.shape
+        shape = (batch, (height // PACKING) * (width // PACKING), channels * PACKING**2)
+        tokens = torch.randn(shape, generator=generator, dtype=like.dtype)
+        factor = self.vae_scale_factor
+        return FluxPipeline._unpack_latents(tokens, height * factor, width * factor, factor).to(like.device)
+
     def export(self, network: nn.Module, output_dir: str | Path, num_steps: int, levels: Tensor) -> Path:
         """Save a stock ``FluxPipeline``: the student transformer and a stochastic flow scheduler.
 

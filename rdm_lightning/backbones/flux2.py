@@ -66,6 +66,11 @@ LORA_TARGETS = (
 )
 
 
+def unpack_tokens(tokens: Tensor, shape: torch.Size) -> Tensor:
+    """The inverse of the pipelines' ``_pack_latents``: tokens ``(B, H·W, C)`` back to ``shape`` ``(B, C, H, W)``."""
+    return tokens.transpose(1, 2).reshape(shape)
+
+
 class Flux2BackboneBase(DiffusersBackbone):
     """What the FLUX.2 adapters share: transformer, VAE normalisation, token packing and ids, schedule, export.
 
@@ -202,8 +207,14 @@ class Flux2BackboneBase(DiffusersBackbone):
             img_ids=self.pipeline_cls._prepare_latent_ids(latents).to(device),
             return_dict=False,
         )[0]
-        # The inverse of _pack_latents: tokens (B, H·W, C) back to (B, C, H, W).
-        return output.transpose(1, 2).reshape(batch, channels, height, width)
+        return unpack_tokens(output, x_t.shape)
+
+    def sampler_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Fresh noise drawn in the pipelines' packed ``(B, H·W, C)`` token order (as their stochastic
+        scheduler draws it) and unpacked: the export then samples as the library does."""
+        batch, channels, height, width = like.shape
+        tokens = torch.randn((batch, height * width, channels), generator=generator, dtype=like.dtype)
+        return unpack_tokens(tokens, like.shape).to(like.device)
 
     def _bn_statistics(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation (float32, ``(1, C, 1, 1)``) the pipelines normalise latents by."""

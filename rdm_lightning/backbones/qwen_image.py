@@ -268,6 +268,13 @@ class QwenImageBackbone(DiffusersBackbone):
         mean, inv_std = self._latent_statistics(z)
         return ((z - mean) * inv_std)[:, :, 0].float()
 
+    def sampler_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Fresh noise drawn in the pipeline's packed ``(B, H/2·W/2, 4·C)`` token order (as its
+        stochastic scheduler draws it) and unpacked: the export then samples as the library does."""
+        batch, channels, height, width = like.shape
+        tokens = torch.randn((batch, (height // 2) * (width // 2), 4 * channels), generator=generator, dtype=like.dtype)
+        return unpack_latents(tokens, height, width).to(like.device)
+
     def export(self, network: nn.Module, output_dir: str | Path, num_steps: int, levels: Tensor) -> Path:
         """Save a stock ``QwenImagePipeline`` folder: the student transformer and a stochastic flow scheduler.
 

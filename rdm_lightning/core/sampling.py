@@ -18,6 +18,7 @@ from rdm_lightning.core.schedules import NoiseSchedule, _per_sample
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 StepRule = Literal["sde", "ode"]
+NoiseDraw = Callable[[Tensor, "torch.Generator | None"], Tensor]
 STEP_RULES = ("sde", "ode")
 
 
@@ -34,10 +35,15 @@ def next_sample(
     schedule: NoiseSchedule,
     rule: StepRule,
     generator: torch.Generator | None = None,
+    draw_noise: NoiseDraw | None = None,
 ) -> Tensor:
-    """Move from ``level`` to ``next_level`` given x̂0, by the step rule."""
+    """Move from ``level`` to ``next_level`` given x̂0, by the step rule.
+
+    ``draw_noise(like, generator)`` draws the ``"sde"`` rule's fresh noise (default: i.i.d.
+    normal shaped like ``like``; a backbone's ``sampler_noise`` draws it in its pipeline's order).
+    """
     if rule == "sde":
-        noise = _randn_like(x0, generator)
+        noise = (draw_noise or _randn_like)(x0, generator)
     elif rule == "ode":
         alpha, sigma = _per_sample(schedule.alpha_sigma(level), x_t)
         noise = eps_from_x0(x_t, x0, alpha, sigma).to(x0.dtype)
@@ -62,15 +68,19 @@ def few_step_sample(
     schedule: NoiseSchedule,
     rule: StepRule = "sde",
     generator: torch.Generator | None = None,
+    draw_noise: NoiseDraw | None = None,
 ) -> Tensor:
-    """Run the few-step sampler from pure noise through ``levels``; returns x̂0."""
+    """Run the few-step sampler from pure noise through ``levels``; returns x̂0 (``draw_noise``: see
+    :func:`next_sample`)."""
     x_t = noise
     for i, level in enumerate(levels):
         level_b = _batch_level(level, len(noise))
         x0 = denoise(x_t, level_b)
         if i + 1 == len(levels):
             return x0
-        x_t = next_sample(x_t, x0, level_b, _batch_level(levels[i + 1], len(noise)), schedule, rule, generator)
+        x_t = next_sample(
+            x_t, x0, level_b, _batch_level(levels[i + 1], len(noise)), schedule, rule, generator, draw_noise
+        )
     raise ValueError("levels is empty")
 
 

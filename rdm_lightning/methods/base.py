@@ -531,7 +531,7 @@ class DistillationModule(L.LightningModule):
             return few_step_sample(
                 lambda x, t: self.teacher_x0(x, t, cond, config.guidance_scale, uncond),
                 noise, self.backbone.schedule.generator_levels(config.num_steps), self.backbone.schedule, config.step_rule,
-                generator,
+                generator, self.backbone.sampler_noise,
             )
         raise ValueError(f"unknown sampling role {role!r}; accepted: 'generator', 'teacher'")
 
@@ -543,6 +543,7 @@ class DistillationModule(L.LightningModule):
         return few_step_sample(
             lambda x, t: self.backbone.predict_x0(network, x, t, cond),
             noise, self.student_levels(), self.backbone.schedule, self.student.step_rule, generator,
+            self.backbone.sampler_noise,
         )
 
     def nfe(self, role: str = "generator") -> int:
