@@ -118,11 +118,13 @@ def tiny_mistral3_text_encoder(tokenizer: PreTrainedTokenizerFast) -> Mistral3Fo
     return Mistral3ForConditionalGeneration(config).eval()
 
 
-def tiny_qwen3_causal_lm(tokenizer) -> Qwen3ForCausalLM:
-    """27-layer ``Qwen3ForCausalLM`` of width 16 (klein's text encoder class)."""
+def tiny_qwen3_causal_lm(tokenizer, width: int = TEXT_HIDDEN) -> Qwen3ForCausalLM:
+    """27-layer ``Qwen3ForCausalLM`` (klein's text encoder class) of width 16, or ``width`` with heads of 64."""
+    heads = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=8) if width == TEXT_HIDDEN else dict(
+        num_attention_heads=width // 64, num_key_value_heads=width // 128, head_dim=64)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=27,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=27,
+        max_position_embeddings=1024, **heads,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(6)
@@ -146,12 +148,12 @@ def tiny_flux2_vae() -> AutoencoderKLFlux2:
     return vae
 
 
-def tiny_flux2_transformer(guidance_embeds: bool, seed: int = 0) -> Flux2Transformer2DModel:
+def tiny_flux2_transformer(guidance_embeds: bool, seed: int = 0, text_width: int = TEXT_HIDDEN) -> Flux2Transformer2DModel:
     """One double- and one single-stream block of width 32 on the VAE's 16 patchified channels."""
     torch.manual_seed(seed)
     return Flux2Transformer2DModel(
         patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * TEXT_HIDDEN, timestep_guidance_channels=256,
+        num_attention_heads=2, joint_attention_dim=3 * text_width, timestep_guidance_channels=256,
         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     ).eval()
 
@@ -175,9 +177,10 @@ def make_tiny_flux2(path: str | Path) -> Path:
     return Path(path)
 
 
-def make_tiny_flux2_klein(path: str | Path, distilled: bool = False) -> Path:
+def make_tiny_flux2_klein(path: str | Path, distilled: bool = False, text_width: int = TEXT_HIDDEN) -> Path:
     """FLUX.2-klein-layout pipeline: the base (true CFG) or, with ``distilled``, the step-distilled
-    variant (``is_distilled`` in model_index.json; other transformer weights, same architecture)."""
+    variant (``is_distilled`` in model_index.json; other transformer weights, same architecture).
+    ``text_width``: the Qwen3 encoder's width (the benchmark's larger encoder)."""
     tokenizer = tiny_qwen2_tokenizer()
     # Flux2KleinPipeline applies Qwen3's template with thinking disabled: an empty thinking block.
     text = tokenizer.apply_chat_template(
@@ -187,9 +190,9 @@ def make_tiny_flux2_klein(path: str | Path, distilled: bool = False) -> Path:
     pipe = Flux2KleinPipeline(
         scheduler=flux2_scheduler(),
         vae=tiny_flux2_vae(),
-        text_encoder=tiny_qwen3_causal_lm(tokenizer),
+        text_encoder=tiny_qwen3_causal_lm(tokenizer, text_width),
         tokenizer=tokenizer,
-        transformer=tiny_flux2_transformer(guidance_embeds=False, seed=1 if distilled else 0),
+        transformer=tiny_flux2_transformer(guidance_embeds=False, seed=1 if distilled else 0, text_width=text_width),
         is_distilled=distilled,
     )
     pipe.save_pretrained(path)

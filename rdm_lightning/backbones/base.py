@@ -157,6 +157,11 @@ class Backbone(nn.Module, ABC):
     def _alpha_sigma(self, level: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         return _per_sample(self.schedule.alpha_sigma(level), like)
 
+    def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """Combine the CFG branches' raw outputs: ``uncond + scale·(cond − uncond)`` (a family whose
+        pipeline guides otherwise, e.g. Qwen-Image's norm-preserving CFG, overrides this)."""
+        return classifier_free_guidance(uncond, cond, scale)
+
     def predict_x0(
         self,
         network: nn.Module,
@@ -183,7 +188,7 @@ class Backbone(nn.Module, ABC):
                 network, torch.cat([x_t, x_t]), torch.cat([level, level]), Conditioning.cat([uncond, cond])
             )
             out_u, out_c = both.float().chunk(2)
-            output = classifier_free_guidance(out_u, out_c, guidance_scale)
+            output = self.guide(out_u, out_c, guidance_scale)
         alpha, sigma = self._alpha_sigma(level, x_t)
         return prediction_to_x0(self.prediction, output.float(), x_t.float(), alpha, sigma)
 

@@ -26,7 +26,7 @@ from rdm_lightning.backbones.sd3 import flow_schedule_for
 from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
 from rdm_lightning.backbones.flux import flux_scheduler_for
 from rdm_lightning.core.dmd import classifier_free_guidance
-from rdm_lightning.core.parameterization import Prediction, prediction_to_x0
+from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule
 
 PATCH_SIZE = 2  # QwenImagePipeline packs 2×2 latent patches into one token
@@ -221,31 +221,10 @@ class QwenImageBackbone(DiffusersBackbone):
         )[0]
         return unpack_latents(output, height, width)
 
-    def predict_x0(
-        self,
-        network: nn.Module,
-        x_t: Tensor,
-        level: Tensor,
-        cond: Conditioning,
-        guidance_scale: float | None = None,
-        uncond: Conditioning | None = None,
-    ) -> Tensor:
-        """x̂0 (float32) of ``network`` at ``x_t``; ``guidance_scale`` is the teacher's ``true_cfg_scale``.
-
-        ``None`` or 1 runs the network on ``cond`` alone; any other scale runs the pipeline's
-        norm-preserving true CFG (:func:`norm_preserving_cfg`) against ``uncond`` (default
-        :meth:`empty_conditioning`), both branches as one batch. (The pipeline guides only above 1.)
-        """
-        if guidance_scale is None or guidance_scale == 1.0:
-            return super().predict_x0(network, x_t, level, cond)
-        uncond = self.empty_conditioning(len(x_t)) if uncond is None else uncond
-        both = self.network_output(
-            network, torch.cat([x_t, x_t]), torch.cat([level, level]), Conditioning.cat([uncond, cond])
-        )
-        out_u, out_c = both.float().chunk(2)
-        output = norm_preserving_cfg(out_u, out_c, guidance_scale)
-        alpha, sigma = self._alpha_sigma(level, x_t)
-        return prediction_to_x0(self.prediction, output, x_t.float(), alpha, sigma)
+    def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """The pipeline's norm-preserving true CFG (:func:`norm_preserving_cfg`); ``guidance_scale`` is
+        the teacher's ``true_cfg_scale`` (the pipeline guides only above 1, the library at any scale but 1)."""
+        return norm_preserving_cfg(uncond, cond, scale)
 
     def _latent_statistics(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The VAE's per-channel ``latents_mean`` and ``1/latents_std`` (as the pipeline writes it), 5-D."""
