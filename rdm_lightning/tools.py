@@ -261,7 +261,8 @@ def cache_embeddings(args: argparse.Namespace) -> int:
     model = cls(**init_args)
     if args.device is not None:
         model.to(args.device)
-    with tqdm(total=len(model.embedding_cache.missing(["", *prompts])), desc="encoding prompts", unit="prompt") as bar:
+    missing = model.embedding_cache.missing([model.negative_prompt, *prompts])
+    with tqdm(total=len(missing), desc="encoding prompts", unit="prompt") as bar:
         encoded = model.fill_embedding_cache(prompts, args.batch_size, bar.update)
     print(json.dumps({"cache": str(model.embedding_cache.folder), "encoded": encoded, "cached": len(model.embedding_cache)}))
     return encoded

@@ -132,7 +132,6 @@ class QwenImageBackbone(DiffusersBackbone):
             raise ValueError(f"max_sequence_length must be an integer in [1, {limit}], got {max_sequence_length!r}")
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
-        self._negative: Conditioning | None = None
         self.height, self.width = self.image_size(
             height, width, self.prompt_pipeline.default_sample_size * self.vae_scale_factor,
             self.vae_scale_factor * PATCH_SIZE,
@@ -198,13 +197,6 @@ class QwenImageBackbone(DiffusersBackbone):
         return Conditioning(
             {"prompt_embeds": F.pad(embeds, (0, 0, 0, pad)), "prompt_embeds_mask": F.pad(mask, (0, pad))}
         )
-
-    def empty_conditioning(self, n: int) -> Conditioning:
-        """CFG's unconditional branch: ``negative_prompt``, encoded once per run, repeated ``n`` times."""
-        if self._negative is None:
-            self._negative = self.encode_prompts([self.negative_prompt])
-        device = self.vae.device
-        return Conditioning({k: v.to(device).expand(n, *v.shape[1:]) for k, v in self._negative.tensors.items()})
 
     def network_output(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         """The transformer's velocity at ``x_t``: 2×2-packed latents, timestep σ (the pipeline's

@@ -113,6 +113,8 @@ class DiffusersBackbone(Backbone):
     pipeline_classes: tuple[str, ...]
     """``model_index.json`` ``_class_name`` values of the pipelines this adapter reads."""
     vae_class: type = AutoencoderKL
+    negative_prompt: str = ""
+    """The prompt of CFG's unconditional branch (the pipelines' default negative prompt)."""
 
     @property
     def lora_file_prefix(self) -> str:
@@ -235,8 +237,8 @@ class DiffusersBackbone(Backbone):
         return Conditioning({k: v.to(self.vae.device) for k, v in cond.tensors.items()})
 
     def fill_embedding_cache(self, prompts: Sequence[str], batch_size: int, progress=None) -> int:
-        """Encode the prompts the embedding cache lacks (and the empty prompt), ``batch_size`` at a
-        time; returns how many were encoded. ``progress(n)`` follows each batch."""
+        """Encode the prompts the embedding cache lacks (and the unconditional :attr:`negative_prompt`),
+        ``batch_size`` at a time; returns how many were encoded. ``progress(n)`` follows each batch."""
         if self.embedding_cache is None:
             raise ValueError(f"{type(self).__name__} has no embedding_cache folder to fill: set embedding_cache")
 
@@ -244,7 +246,7 @@ class DiffusersBackbone(Backbone):
             self.ensure_text_encoders()
             return self.encode_text(chunk)
 
-        return self.embedding_cache.fill(["", *prompts], encode, batch_size, progress)
+        return self.embedding_cache.fill([self.negative_prompt, *prompts], encode, batch_size, progress)
 
     def flush_embedding_cache(self) -> None:
         """Write the embeddings encoded since the last flush to the cache folder."""
@@ -280,9 +282,9 @@ class DiffusersBackbone(Backbone):
         return ids.to(device)
 
     def empty_prompt_conditioning(self, n: int) -> Conditioning:
-        """The empty prompt ``""``, encoded once per run, repeated ``n`` times."""
+        """The unconditional prompt :attr:`negative_prompt`, encoded once per run, repeated ``n`` times."""
         if self._empty_prompt is None:
-            self._empty_prompt = self.encode_prompts([""])
+            self._empty_prompt = self.encode_prompts([self.negative_prompt])
         device = self.vae.device
         return Conditioning({k: v.to(device).expand(n, *v.shape[1:]) for k, v in self._empty_prompt.tensors.items()})
 
