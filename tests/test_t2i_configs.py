@@ -252,7 +252,17 @@ def test_config_fits_samples_and_exports(family, method, tiny, tmp_path, monkeyp
     assert pipe is not None
     if config["model"]["init_args"]["roles"]["generator"].get("layout") == "shared_lora":
         main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "lora"), "--lora-only"])
-        assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        # The stock teacher pipeline loads the adapter (diffusers' LoRA format) and, fused, is the merged export.
+        teacher = DiffusionPipeline.from_pretrained(tiny.pipeline(family), **manifest.get("from_pretrained_kwargs", {}))
+        teacher.load_lora_weights(tmp_path / "lora")
+        assert any(name.endswith("lora_A") for name, _ in teacher.transformer.named_modules())
+        teacher.fuse_lora()
+        teacher.unload_lora_weights()
+        merged = pipe.transformer.state_dict()
+        fused = teacher.transformer.state_dict()
+        assert fused.keys() == merged.keys()
+        for key, value in merged.items():
+            torch.testing.assert_close(fused[key], value, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["rtdmd_stage1", "rtdmd_stage2"])
