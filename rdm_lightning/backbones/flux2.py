@@ -19,7 +19,6 @@ uses μ at ``mu_num_steps`` steps (the pipelines' default 50).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +35,7 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoProcessor, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
-from rdm_lightning.backbones.base import Conditioning, require_path
+from rdm_lightning.backbones.base import Conditioning
 from rdm_lightning.backbones.flux import flux_scheduler_for
 from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
 from rdm_lightning.core.parameterization import Prediction
@@ -437,8 +436,7 @@ class Flux2KleinBackbone(Flux2BackboneBase):
             path, height, width, variant, frozen_dtype, vae_dtype, max_sequence_length, text_encoder_out_layers,
             mu_num_steps, local_files_only, embedding_cache, embedding_cache_refresh,
         )
-        index = require_path(self.folder / "model_index.json", "model_index.json of the diffusers pipeline folder")
-        self.is_distilled = bool(json.loads(index.read_text()).get("is_distilled", False))
+        self.is_distilled = bool(self.model_index.get("is_distilled", False))
         self.prepare_text_encoders()
 
     def load_text_encoders(self) -> None:

@@ -96,10 +96,11 @@ def check_image_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     return height, width
 
 
-def pipeline_class_name(folder: Path) -> str:
-    """``_class_name`` of ``folder/model_index.json``: the diffusers pipeline the folder was saved from."""
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """``folder/model_index.json``: the pipeline class the folder was saved from (``_class_name``), its
+    components' classes and the pipeline's own settings (e.g. FLUX.2-klein's ``is_distilled``)."""
     index = require_path(folder / "model_index.json", "model_index.json of the diffusers pipeline folder")
-    return json.loads(index.read_text()).get("_class_name", "")
+    return json.loads(index.read_text())
 
 
 class DiffusersBackbone(Backbone):
@@ -139,7 +140,8 @@ class DiffusersBackbone(Backbone):
         self.text_encoders_loaded = False
         self.frozen_dtype = torch_dtype(frozen_dtype)
         self.folder = resolve_pipeline_folder(path, variant, local_files_only)
-        found = pipeline_class_name(self.folder)
+        self.model_index = read_model_index(self.folder)
+        found = self.model_index.get("_class_name", "")
         if found not in self.pipeline_classes:
             raise ValueError(
                 f"{str(self.folder)!r} holds a {found or 'unnamed'} pipeline (model_index.json _class_name), "

@@ -6,7 +6,6 @@ feeds it as ``ZImagePipeline`` does and returns the library's velocity ``v`` (xÌ
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,8 +99,7 @@ class ZImageBackbone(DiffusersBackbone):
         self.text_encoder = self.load_text_encoder(self._text_encoder_class(), "text_encoder")
 
     def _text_encoder_class(self) -> type:
-        index = json.loads((self.folder / "model_index.json").read_text())
-        name = (index.get("text_encoder") or [None, None])[1]
+        name = (self.model_index.get("text_encoder") or [None, None])[1]
         if name not in TEXT_ENCODER_CLASSES:
             raise ValueError(
                 f"{str(self.folder)!r} has a {name} text encoder (model_index.json); accepted: "
