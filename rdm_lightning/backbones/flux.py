@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, T5EncoderModel
 
 from rdm_lightning.backbones.base import Conditioning
-from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE, flow_schedule_for
+from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE, SD3Backbone, flow_schedule_for
 from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for, network_dtype
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule
@@ -141,10 +141,8 @@ class FluxBackbone(DiffusersBackbone):
     denoiser_subfolder = "transformer"
     pipeline_classes = ("FluxPipeline",)
     # Joint attention of the double-stream blocks (image and text streams) and the
-    # single-stream blocks' q/k/v, named as SD3's.
-    lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    )
+    # single-stream blocks' q/k/v: the module names of SD3's joint attention.
+    lora_target_modules = SD3Backbone.lora_target_modules
 
     def __init__(
         self,
