@@ -122,6 +122,24 @@ def test_rewards_and_gold_rewards_are_checked_and_kept_out_of_checkpoints(tiny_d
     assert all(isinstance(r, RewardModel) and not any(p.requires_grad for p in r.parameters()) for r in module.reward_models().values())
 
 
+def test_rewards_live_outside_the_module_tree_compute_in_teacher_dtype_and_move_with_the_module(
+        tiny_digits_teacher, rdm_cache, monkeypatch):
+    monkeypatch.setenv("RDM_CACHE", str(rdm_cache))
+    module = DMDR(DigitsBackbone(str(tiny_digits_teacher)), rewards=[CountingReward()],
+                  gold_rewards=[DigitsGoldReward(name="gold")], dmdr=DMDRConfig(reward_weights={"counting": 1.0}),
+                  teacher_dtype="bfloat16")
+    gold = module.reward_models()["gold/gold"]
+    # Not submodules: no strategy wraps, shards or checkpoints them.
+    reward_parameters = {id(p) for r in module.reward_models().values() for p in r.parameters()}
+    assert reward_parameters and not reward_parameters & {id(p) for p in module.parameters()}
+    assert not any(name.startswith(("rewards", "gold_rewards")) for name, _ in module.named_modules())
+    assert {p.dtype for p in gold.parameters()} == {torch.bfloat16}
+    module.to(torch.float64)
+    assert {p.dtype for p in gold.parameters()} == {torch.float64}
+    scores = gold.score(torch.rand(2, 1, 8, 8), PROMPTS)
+    assert scores.dtype == torch.float32 and scores.shape == (2,)
+
+
 def test_dynamic_renoise_levels_follow_the_schedule(tiny_digits_teacher):
     module = make_dmdr(tiny_digits_teacher, dynamic_renoise_updates=100)
     early = module.dm_levels(20_000).double().mean().item()

@@ -36,7 +36,7 @@ from rdm_lightning.methods.roles import (
 )
 
 TRAINABLE_ROLES = ("generator", "fake_score")
-FROZEN_PREFIXES = ("teacher.", "backbone.", "rewards.", "gold_rewards.")
+FROZEN_PREFIXES = ("teacher.", "backbone.")
 FLOAT32_MAX = torch.finfo(torch.float32).max
 """Largest finite float32: :meth:`Backbone.predict_x0` combines the CFG branches in float32."""
 
@@ -401,7 +401,7 @@ class DistillationModule(L.LightningModule):
     # ---- checkpoints ----------------------------------------------------------------------
     def is_frozen_state_key(self, key: str) -> bool:
         """Whether the state-dict entry ``key`` is frozen and rebuilt at construction (teacher, backbone,
-        rewards, and a role's base under a LoRA layout), hence left out of checkpoints and refilled on load."""
+        and a role's base under a LoRA layout), hence left out of checkpoints and refilled on load."""
         return key.startswith(FROZEN_PREFIXES) or key in self.frozen_role_keys()
 
     def frozen_role_keys(self) -> frozenset[str]:
@@ -420,7 +420,7 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Prompts encoded since the last checkpoint survive a preempted run.
         self.backbone.flush_embedding_cache()
-        # The frozen teacher, backbone and rewards are reloaded from their paths; keep them out.
+        # The frozen teacher and backbone are reloaded from their paths; keep them out.
         state = checkpoint["state_dict"]
         for key in [k for k in state if self.is_frozen_state_key(k)]:
             del state[key]

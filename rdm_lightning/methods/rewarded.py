@@ -22,7 +22,14 @@ def weighted_rewards(rewards: list[RewardModel], weights: dict[str, float]) -> W
 class RewardedMethod:
     """Mixin of a distillation module (listed before it in the bases) that has ``self.rewards``
     (:class:`WeightedRewards` or None, from :func:`weighted_rewards`) and ``self.gold_rewards``
-    (an ``nn.ModuleList``), set in its ``__init__``."""
+    (an ``nn.ModuleList``), set in its ``__init__`` by :meth:`setup_rewards`.
+
+    The rewards are frozen and held outside the module tree: they are not submodules, so they are
+    in neither ``parameters()`` nor ``state_dict()`` (never checkpointed, never wrapped or partitioned
+    by DDP, FSDP or DeepSpeed), yet ``.to(device)`` and ``.to(dtype)`` move them with the module
+    (:meth:`_apply`). They compute in ``teacher_dtype``, the dtype of the other frozen networks
+    (bf16 in the GPU configs), and return float32 scores (docs/rewards.md).
+    """
 
     rewards: WeightedRewards | None
     gold_rewards: nn.ModuleList
@@ -31,9 +38,19 @@ class RewardedMethod:
                       weights: dict[str, float]) -> None:
         """Set the optimized rewards with their ``weights`` (one per reward name) and the gold rewards,
         then :meth:`check_rewards` (what the method needs of them)."""
-        self.rewards = weighted_rewards(list(rewards or []), weights)
-        self.gold_rewards = nn.ModuleList(gold_rewards or [])
+        optimized = weighted_rewards(list(rewards or []), weights)
+        gold = nn.ModuleList(gold_rewards or [])
+        # Plain attributes, not submodules (see the class docstring).
+        self.__dict__["rewards"] = None if optimized is None else optimized.to(self.teacher_dtype)
+        self.__dict__["gold_rewards"] = gold.to(self.teacher_dtype)
         self.check_rewards()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.float()``…) that also reaches the rewards."""
+        for held in (self.__dict__.get("rewards"), self.__dict__.get("gold_rewards")):
+            if held is not None:
+                held._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def check_rewards(self) -> None:
         """Raise if the rewards do not suit the method; by default any set of rewards does."""
