@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from iterations import loss_state
 from jsonargparse import ArgumentParser
-from tiny_models import CLIP_VOCAB_SIZE, MAX_TOKENS, tiny_clip_tokenizer
-from transformers import CLIPConfig, CLIPModel
+from tiny_models import CLIP_VOCAB_SIZE, MAX_TOKENS, make_tiny_clip
 
 from rdm_lightning.rewards import (
     CLIPScoreReward,
@@ -23,7 +22,13 @@ from rdm_lightning.rewards import (
     build_reward,
     clip_preprocess,
 )
-from rdm_lightning.rewards.clip import CLIP_MEAN, CLIP_STD, SRPO_NEGATIVE_WORDS, SRPO_POSITIVE_WORDS
+from rdm_lightning.rewards.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SRPO_NEGATIVE_WORDS,
+    SRPO_POSITIVE_WORDS,
+    resize_shortest_side,
+)
 
 IMAGE_SIZE = 32
 # Different lengths, so that batched tokenisation pads.
@@ -33,36 +38,7 @@ PROMPTS = ["a photo of a cat", "a red car", "two dogs playing in the snow"]
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer CLIPModel (32 px, patch 8, projection 16) and its byte-level tokenizer in one folder."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = tiny_clip_tokenizer()
-    tokenizer.save_pretrained(folder)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
-            # CLIP pools at the first end-of-text token, so the ids must be the tokenizer's.
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(folder)
-    return folder
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +48,21 @@ def clip_reward(clip_folder: Path) -> CLIPScoreReward:
 
 def normalised(images: torch.Tensor) -> torch.Tensor:
     return (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def triangle_halving(images: torch.Tensor) -> torch.Tensor:
+    """Antialiased bilinear downscaling by exactly 2 in closed form (torchvision's tensor Resize, PIL's
+    bilinear): the triangle filter stretched to the scale gives taps [1, 3, 3, 1] / 8 around each
+    output pixel, renormalised over the taps inside the image at the borders; separable."""
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+
+    def along_width(values: torch.Tensor) -> torch.Tensor:
+        # Window k of the once-padded row holds pixels 2k-1 .. 2k+2.
+        windows = F.pad(values, (1, 1)).unfold(-1, 4, 2)
+        inside = F.pad(torch.ones_like(values), (1, 1)).unfold(-1, 4, 2)
+        return (windows * taps).sum(-1) / (inside * taps).sum(-1)
+
+    return along_width(along_width(images).transpose(-1, -2)).transpose(-1, -2)
 
 
 def srpo_by_hand(scorer: CLIPScoreReward, images, prompts, pairs, positive_scale=1.1) -> torch.Tensor:
@@ -105,6 +96,14 @@ def test_folder_without_a_tokenizer_is_refused(clip_folder, tmp_path):
         CLIPScoreReward(str(tmp_path))
 
 
+def test_folder_without_weights_is_refused(clip_folder, tmp_path):
+    for path in clip_folder.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, tmp_path / path.name)
+    with pytest.raises(FileNotFoundError, match=r"lacks weights \(model.safetensors or .* pytorch_model.bin"):
+        CLIPScoreReward(str(tmp_path))
+
+
 # --- preprocessing ------------------------------------------------------------------------------
 
 
@@ -122,12 +121,37 @@ def test_preprocessing_centre_crops_a_non_square_image(height, width, rows, cols
     torch.testing.assert_close(clip_preprocess(images, IMAGE_SIZE), normalised(images[:, :, rows, cols]))
 
 
-def test_preprocessing_halves_a_double_size_image_by_2x2_averages():
-    # Bilinear downscaling by exactly 2 (no antialias, align_corners=False) samples midway
+def test_preprocessing_without_antialias_halves_a_double_size_image_by_2x2_averages():
+    # Bilinear downscaling by exactly 2 without antialias (align_corners=False) samples midway
     # between pixel pairs: 2×2 block means. 64×96 → 32×48, then the centre 32 columns.
     images = torch.rand(2, 3, 64, 96)
     expected = normalised(F.avg_pool2d(images, 2)[:, :, :, 8:40])
+    torch.testing.assert_close(clip_preprocess(images, IMAGE_SIZE, antialias=False), expected)
+
+
+def test_preprocessing_by_default_halves_with_the_antialiasing_triangle_filter():
+    # RTDMD's transform: torchvision's tensor Resize, bilinear, antialiased (its default since 0.17).
+    images = torch.rand(2, 3, 64, 96)
+    expected = normalised(triangle_halving(images)[:, :, :, 8:40])
     torch.testing.assert_close(clip_preprocess(images, IMAGE_SIZE), expected)
+    torch.testing.assert_close(clip_preprocess(images, IMAGE_SIZE, mode="bilinear", antialias=True), expected)
+
+
+@pytest.mark.parametrize(("height", "width", "resized"), [(64, 96, (32, 48)), (100, 37, (86, 32)), (20, 24, (32, 38))])
+def test_resize_sets_the_shorter_side_and_truncates_the_longer(height, width, resized):
+    # torchvision's and transformers' rounding: the longer side is int(size * long / short).
+    for mode in ("bilinear", "bicubic"):
+        assert resize_shortest_side(torch.rand(1, 3, height, width), IMAGE_SIZE, mode=mode).shape[-2:] == resized
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"mode": "nearest"}, r"interpolation must be one of \('bilinear', 'bicubic'\), got 'nearest'"),
+     ({"antialias": 1}, r"antialias must be True or False, got 1")],
+)
+def test_preprocessing_refuses_other_resize_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        clip_preprocess(torch.rand(1, 3, 40, 40), IMAGE_SIZE, **kwargs)
 
 
 def test_preprocessing_repeats_a_grey_channel_to_rgb(clip_reward):
@@ -178,6 +202,35 @@ def test_clip_gradient_and_no_grad_paths_agree(clip_reward):
     torch.testing.assert_close(traced.detach(), plain, atol=1e-5, rtol=0)
     traced.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_clip_score_resizes_as_rtdmd_by_default(clip_reward):
+    # Off-size images score as their closed-form antialiased halving, centre-cropped, at the model size.
+    assert (clip_reward.interpolation, clip_reward.antialias) == ("bilinear", True)
+    images = torch.rand(2, 3, 64, 96)
+    expected = clip_reward.score(triangle_halving(images)[:, :, :, 8:40], PROMPTS[:2])
+    torch.testing.assert_close(clip_reward.score(images, PROMPTS[:2]), expected, atol=1e-5, rtol=0)
+
+
+def test_clip_score_takes_the_resize_options(clip_folder):
+    images = torch.rand(2, 3, 40, 56)
+    for interpolation, antialias in (("bicubic", True), ("bicubic", False), ("bilinear", False)):
+        reward = CLIPScoreReward(str(clip_folder), interpolation=interpolation, antialias=antialias)
+        resized = F.interpolate(images, size=(32, 44), mode=interpolation, antialias=antialias, align_corners=False)
+        # Embeddings, not scores: bicubic overshoots [0, 1], which score() refuses.
+        with torch.no_grad():
+            expected = reward.embed_images(resized[:, :, :, 6:38])
+            torch.testing.assert_close(reward.embed_images(images), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"interpolation": "area"}, r"interpolation must be one of \('bilinear', 'bicubic'\), got 'area'"),
+     ({"antialias": "yes"}, r"antialias must be True or False, got 'yes'")],
+)
+def test_clip_score_refuses_other_resize_options(clip_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CLIPScoreReward(str(clip_folder), **kwargs)
 
 
 # --- SRPO ---------------------------------------------------------------------------------------
@@ -286,7 +339,7 @@ def test_srpo_moves_its_scorer_with_to(clip_folder):
 
 def test_importing_the_rewards_loads_neither_clip_modeling_nor_torchvision():
     code = (
-        "import sys, rdm_lightning.rewards; "
+        "import sys, rdm_lightning.rewards, rdm_lightning.rewards.aesthetic; "
         "print([m for m in ('torchvision', 'transformers.models.clip.modeling_clip') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

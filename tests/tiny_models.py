@@ -26,6 +26,8 @@ from diffusers import (
 )
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -93,6 +95,45 @@ def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: in
     torch.manual_seed(seed)
     model = CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
     return model.eval()
+
+
+def make_tiny_clip(
+    path: str | Path, image_size: int = 32, projection_dim: int = 16, logit_scale: float | None = None, seed: int = 0
+) -> Path:
+    """A random 2-layer ``CLIPModel`` (patch 8, width 32) and :func:`tiny_clip_tokenizer` saved together in
+    ``path``, the layout of a hub CLIP snapshot with its tokenizer; ``logit_scale`` is the initial
+    ``log`` temperature (``None``: CLIPConfig's default, log(1/0.07))."""
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.save_pretrained(path)
+    extra = {} if logit_scale is None else {"logit_scale_init_value": logit_scale}
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS,
+            # CLIP pools at the first end-of-text token, so the ids must be the tokenizer's.
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=projection_dim,
+        **extra,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(path)
+    return Path(path)
 
 
 def tiny_vae(shift_factor: float | None = None, scaling_factor: float = 0.18215) -> AutoencoderKL:
