@@ -174,6 +174,10 @@ def test_every_reward_alias_works_as_a_class_path_in_a_config(capsys, tmp_path, 
     ]
     init_args["gold_rewards"] = [
         {"class_path": "digits_gold"}, clip, {"class_path": "srpo", "init_args": {"name": "srpo", "scorer": clip}},
+        {"class_path": "pickscore", "init_args": {"model_path": str(tmp_path / "pickscore")}},
+        {"class_path": "hpsv2", "init_args": {"checkpoint_path": str(tmp_path / "hps.pt")}},
+        {"class_path": "dfn_clip", "init_args": {"checkpoint_path": str(tmp_path / "dfn.bin")}},
+        {"class_path": "aesthetic", "init_args": {"clip_model_path": str(tmp_path / "clip"), "mlp_path": str(tmp_path / "mlp.pth")}},
     ]
     path = tmp_path / "aliases.yaml"
     path.write_text(yaml.safe_dump(config))

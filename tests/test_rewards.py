@@ -199,7 +199,7 @@ def test_gold_reward_scores_probabilities_and_refuses_gradients(gold_reward, tes
     assert ((scores >= 0) & (scores <= 1)).all() and scores.mean() > 0.9
     wrong = [digit_prompt((label + 1) % 10) for label in labels.tolist()]
     assert gold_reward.score(images, wrong).mean() < 0.05
-    with pytest.raises(ValueError, match=r"'DigitsGoldReward'.*not differentiable.*digits_logprob, stroke_contrast, clip_score, srpo\)"):
+    with pytest.raises(ValueError, match=r"'DigitsGoldReward'.*not differentiable.*digits_logprob, stroke_contrast, clip_score, pickscore, srpo, hpsv2, dfn_clip, aesthetic\)"):
         gold_reward.score(images[:2], prompts[:2], with_grad=True)
 
 
@@ -257,9 +257,9 @@ def test_build_reward_from_alias_class_path_and_dict(digits_classifier):
     assert build_reward(built) is built
 
 
-@pytest.mark.parametrize("name", ["pickscore", "rdm_lightning.rewards.NoSuchReward", "no_such_package.Reward"])
+@pytest.mark.parametrize("name", ["pick_score", "rdm_lightning.rewards.NoSuchReward", "no_such_package.Reward"])
 def test_build_reward_refuses_unknown_names_listing_the_aliases(name):
-    with pytest.raises(ValueError, match=rf"unknown reward '{name}'.*digits_logprob, stroke_contrast, digits_gold"):
+    with pytest.raises(ValueError, match=rf"unknown reward '{name}'.*digits_logprob, stroke_contrast, digits_gold, clip_score, pickscore"):
         build_reward(name)
 
 

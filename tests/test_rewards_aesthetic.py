@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import make_tiny_clip
+from tiny_rewards import published_shapes, random_mlp_state, write_aesthetic_mlp
 from transformers import CLIPModel
 
 from rdm_lightning.rewards import build_reward
@@ -19,28 +19,6 @@ from rdm_lightning.rewards.clip import CLIP_MEAN, CLIP_STD
 IMAGE_SIZE = 32
 EMBEDDING_DIM = 16  # the tiny CLIP's projection width; ViT-L/14's is 768
 PROMPTS = ["a photo of a cat", "a red car", "two dogs playing in the snow"]
-
-
-def published_shapes(embedding_dim: int) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of sac+logos+ava1-l14-linearMSE.pth (improved-aesthetic-predictor's MLP: an
-    nn.Sequential ``layers`` whose linear layers sit at indices 0, 2, 4, 6 and 7), for ``embedding_dim``."""
-    linears = {0: (1024, embedding_dim), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for index, (outputs, inputs) in linears.items():
-        shapes[f"layers.{index}.weight"] = (outputs, inputs)
-        shapes[f"layers.{index}.bias"] = (outputs,)
-    return shapes
-
-
-def random_mlp_state(embedding_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the published layout, scaled so that scores stay near the 1–10 range."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in published_shapes(embedding_dim).items():
-        fan_in = shape[1] if key.endswith("weight") else shape[0]
-        state[key] = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
-    state["layers.7.bias"] += 5.0
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +34,7 @@ def clip_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mlp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("aesthetic") / "sac+logos+ava1-l14-linearMSE.pth"
-    torch.save(random_mlp_state(EMBEDDING_DIM), path)
-    return path
+    return write_aesthetic_mlp(path, EMBEDDING_DIM)
 
 
 @pytest.fixture(scope="module")

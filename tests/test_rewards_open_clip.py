@@ -21,6 +21,22 @@ from jsonargparse import ArgumentParser
 import rdm_lightning.rewards.open_clip as open_clip_rewards
 from rdm_lightning.rewards import RewardModel, SRPOReward
 from rdm_lightning.rewards.clip import CLIP_MEAN, CLIP_STD
+from tiny_rewards import (
+    BYTE_TOKENS,
+    CONTEXT,
+    END_ID,
+    START_ID,
+    TINY,
+    TINY_QUICK,
+    TINY_SHAPES,
+    VOCAB_SIZE,
+    expected_open_clip_shapes,
+    random_state_dict,
+    write_bpe,
+    write_dfn_checkpoint,
+    write_hps_checkpoint,
+)
+
 from rdm_lightning.rewards.open_clip import (
     OPEN_CLIP_PRESETS,
     DFNCLIPReward,
@@ -33,70 +49,10 @@ from rdm_lightning.rewards.open_clip import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:ftfy is not installed")
 
-BPE_HEADER = "bpe_simple_vocab_16e6.txt#version: 0.2"  # the first line of open_clip's file
-MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o</w>"), ("w", "o"), ("wo", "r"), ("l", "d</w>"),
-          ("wor", "ld</w>")]
-BYTE_TOKENS = 256
-START_ID = 2 * BYTE_TOKENS + len(MERGES)
-END_ID = START_ID + 1
-VOCAB_SIZE = END_ID + 1
-CONTEXT = 77
-TINY = dict(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_head_width=16,
-            text_width=32, text_heads=2, text_layers=2, context_length=CONTEXT, vocab_size=VOCAB_SIZE)
-TINY_QUICK = {**TINY, "quick_gelu": True}
 PROMPTS = ["hello world", "a red car", "two dogs playing in the snow"]
 
 
 # --- independent expectations --------------------------------------------------------------------
-
-
-def expected_open_clip_shapes(embed, image, patch, vision_width, vision_layers, text_width, text_layers,
-                              context, vocab, mlp_ratio=4) -> dict[str, tuple[int, ...]]:
-    """open_clip CLIP's state_dict (ViT image tower, text tower at the top level), enumerated by hand."""
-    shapes = {
-        "visual.conv1.weight": (vision_width, 3, patch, patch),
-        "visual.class_embedding": (vision_width,),
-        "visual.positional_embedding": ((image // patch) ** 2 + 1, vision_width),
-        "visual.ln_pre.weight": (vision_width,), "visual.ln_pre.bias": (vision_width,),
-        "visual.ln_post.weight": (vision_width,), "visual.ln_post.bias": (vision_width,),
-        "visual.proj": (vision_width, embed),
-        "token_embedding.weight": (vocab, text_width),
-        "positional_embedding": (context, text_width),
-        "ln_final.weight": (text_width,), "ln_final.bias": (text_width,),
-        "text_projection": (text_width, embed),
-        "logit_scale": (),
-    }
-    for prefix, width, layers in (("visual.transformer", vision_width, vision_layers),
-                                  ("transformer", text_width, text_layers)):
-        hidden = width * mlp_ratio
-        for index in range(layers):
-            block = f"{prefix}.resblocks.{index}"
-            shapes.update({
-                f"{block}.ln_1.weight": (width,), f"{block}.ln_1.bias": (width,),
-                f"{block}.attn.in_proj_weight": (3 * width, width), f"{block}.attn.in_proj_bias": (3 * width,),
-                f"{block}.attn.out_proj.weight": (width, width), f"{block}.attn.out_proj.bias": (width,),
-                f"{block}.ln_2.weight": (width,), f"{block}.ln_2.bias": (width,),
-                f"{block}.mlp.c_fc.weight": (hidden, width), f"{block}.mlp.c_fc.bias": (hidden,),
-                f"{block}.mlp.c_proj.weight": (width, hidden), f"{block}.mlp.c_proj.bias": (width,),
-            })
-    return shapes
-
-
-TINY_SHAPES = expected_open_clip_shapes(16, 32, 8, 32, 2, 32, 2, CONTEXT, VOCAB_SIZE)
-
-
-def random_state_dict(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in TINY_SHAPES.items():
-        noise = torch.randn(shape, generator=generator)
-        if key == "logit_scale":
-            state[key] = torch.tensor(math.log(100.0))
-        elif ".ln_" in key or key.startswith("ln_"):
-            state[key] = (1.0 if key.endswith("weight") else 0.0) + 0.1 * noise
-        else:
-            state[key] = 0.2 * noise
-    return {key: value.to(dtype) for key, value in state.items()}
 
 
 def byte_token_id(byte: int) -> int:
@@ -171,14 +127,9 @@ def import_or_skip(name: str):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("open_clip")
-    bpe = folder / "bpe_simple_vocab_16e6.txt.gz"
-    bpe.write_bytes(gzip.compress("\n".join([BPE_HEADER, *(" ".join(m) for m in MERGES)]).encode()))
-    # HPSv2's published layout: {"state_dict": weights}; stored here in float16.
-    hps = folder / "HPS_v2.1_compressed.pt"
-    torch.save({"state_dict": random_state_dict(0, torch.float16)}, hps)
-    # open_clip_pytorch_model.bin: the bare state dict.
-    dfn = folder / "open_clip_pytorch_model.bin"
-    torch.save(random_state_dict(1), dfn)
+    bpe = write_bpe(folder / "bpe_simple_vocab_16e6.txt.gz")
+    hps = write_hps_checkpoint(folder / "HPS_v2.1_compressed.pt")
+    dfn = write_dfn_checkpoint(folder / "open_clip_pytorch_model.bin")
     return {"bpe": bpe, "hps": hps, "dfn": dfn, "folder": folder}
 
 

@@ -7,7 +7,8 @@ from rdm_lightning.rewards.base import (
     build_reward,
     differentiable_aliases,
 )
-from rdm_lightning.rewards.clip import CLIPScoreReward, SRPOReward, clip_preprocess
+from rdm_lightning.rewards.aesthetic import AestheticReward
+from rdm_lightning.rewards.clip import CLIPScoreReward, PickScoreReward, SRPOReward, clip_preprocess
 from rdm_lightning.rewards.digits import (
     DigitsClassifierReward,
     DigitsGoldReward,
@@ -15,13 +16,18 @@ from rdm_lightning.rewards.digits import (
     StrokeContrastReward,
     load_gold_classifier,
 )
+from rdm_lightning.rewards.open_clip import DFNCLIPReward, HPSv2Reward
 
 __all__ = [
     "REWARD_ALIASES",
+    "AestheticReward",
     "CLIPScoreReward",
+    "DFNCLIPReward",
     "DigitsClassifierReward",
     "DigitsGoldReward",
     "DigitsMLP",
+    "HPSv2Reward",
+    "PickScoreReward",
     "RewardModel",
     "RewardTerm",
     "SRPOReward",

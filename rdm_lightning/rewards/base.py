@@ -32,7 +32,11 @@ REWARD_ALIASES: dict[str, str] = {
     "stroke_contrast": "rdm_lightning.rewards.digits.StrokeContrastReward",
     "digits_gold": "rdm_lightning.rewards.digits.DigitsGoldReward",
     "clip_score": "rdm_lightning.rewards.clip.CLIPScoreReward",
+    "pickscore": "rdm_lightning.rewards.clip.PickScoreReward",
     "srpo": "rdm_lightning.rewards.clip.SRPOReward",
+    "hpsv2": "rdm_lightning.rewards.open_clip.HPSv2Reward",
+    "dfn_clip": "rdm_lightning.rewards.open_clip.DFNCLIPReward",
+    "aesthetic": "rdm_lightning.rewards.aesthetic.AestheticReward",
 }
 
 
