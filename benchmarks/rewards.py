@@ -88,6 +88,15 @@ def build_aesthetic(folder: Path):
     return AestheticReward(str(clip), str(write_aesthetic_mlp(folder / "mlp.pth", width)))
 
 
+def build_image_reward(folder: Path):
+    from tiny_rewards import TINY_BLIP_VISION, write_image_reward_files
+
+    from rdm_lightning.rewards import ImageReward
+
+    files = write_image_reward_files(folder / "image_reward")
+    return ImageReward(**{key: str(path) for key, path in files.items()}, vision_architecture=TINY_BLIP_VISION)
+
+
 def meta_parameters(build: Callable[[], torch.nn.Module]) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in build().parameters())
@@ -129,12 +138,22 @@ def aesthetic_real() -> torch.nn.Module:
     return torch.nn.ModuleList([clip.vision_model, clip.visual_projection, AestheticMLP(768)])
 
 
+def image_reward_real() -> torch.nn.Module:
+    from tiny_rewards import REAL_MED_CONFIG
+
+    from rdm_lightning.rewards.image_reward import BLIPTextConfig, BLIPVisionConfig, ImageRewardModel
+
+    text = BLIPTextConfig(**{field: REAL_MED_CONFIG[field] for field in BLIPTextConfig.__dataclass_fields__})
+    return ImageRewardModel(BLIPVisionConfig.from_spec("ViT-L/16"), text)
+
+
 REWARDS: dict[str, tuple[Callable[[Path], object], Callable[[], torch.nn.Module]]] = {
     "clip_score": (build_clip, clip_l),
     "pickscore": (build_pickscore, clip_h),
     "hpsv2": (build_open_clip("hpsv2"), open_clip_vit_h),
     "dfn_clip": (build_open_clip("dfn_clip"), open_clip_vit_h),
     "aesthetic": (build_aesthetic, aesthetic_real),
+    "image_reward": (build_image_reward, image_reward_real),
 }
 
 

@@ -20,17 +20,13 @@ from rdm_lightning.evaluation.grid import save_image_grid
 from rdm_lightning.methods.lora import merged_copy
 from rdm_lightning.methods.roles import diffusers_lora_state, is_lora_file, read_weights
 from rdm_lightning.slurm import add_slurm_parser
+from rdm_lightning.state_files import first_sentence
 
 
 # np.load's errors for a file that is not an .npz archive, or a damaged one.
 _UNREADABLE_NPZ = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile)
 # The seeds a torch.Generator takes.
 _SEED_RANGE = (-(2**63), 2**64)
-
-
-def _first_sentence(error: BaseException) -> str:
-    """What failed, without the advice numpy appends (to unpickle a file it cannot vouch for)."""
-    return str(error).split(". ")[0].rstrip(".")
 
 
 def load_module(checkpoint: str | Path):
@@ -152,7 +148,7 @@ def load_samples(path: str | Path) -> tuple[Tensor, list[str]]:
     try:
         data = np.load(path)
     except _UNREADABLE_NPZ as error:
-        raise ValueError(f"{str(path)!r} is not a readable .npz file ({_first_sentence(error)}); {expected}") from error
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({first_sentence(error)}); {expected}") from error
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{str(path)!r} holds one {type(data).__name__}, not an .npz archive; {expected}")
     with data:

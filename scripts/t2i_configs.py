@@ -33,28 +33,45 @@ MATRIX_END = "<!-- matrix:end -->"
 
 SAMPLE_PROMPTS = ["a photo of a cat", "an astronaut riding a horse", "a bowl of ramen, studio lighting"]
 
-# ---- rewards (stand-ins until the text-to-image rewards issue lands) ----------------------------------
+# ---- rewards (docs/rewards.md) -----------------------------------------------------------------------------
+# Local paths, relative to the working directory and named as the hub repos that publish the files.
 CLIP_L = "openai/clip-vit-large-patch14"
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_TRAIN_SCALE = round(1 / 26, 7)  # RTDMD trains PickScore / 26 (docs/configs.md, "Published settings")
+HPS_V21 = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+DFN_CLIP = "apple/DFN5B-CLIP-ViT-H-14/open_clip_pytorch_model.bin"
+OPEN_CLIP_BPE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+IMAGE_REWARD = "THUDM/ImageReward"
+BERT_TOKENIZER = "google-bert/bert-base-uncased"
+DMDR_HPS_PREFIX = "Realistic photo"  # DMDR scores HPSv2.1 against "Realistic photo <prompt>" (docs/methods/dmdr.md)
 
 
-def clip_reward() -> dict:
-    return {"class_path": "rdm_lightning.rewards.CLIPScoreReward", "init_args": {"model_path": CLIP_L, "name": "clip"}}
+def reward(alias: str, **init_args) -> dict:
+    return {"class_path": alias, "init_args": init_args}
 
 
-def pickscore_reward(logit_scale: bool, train_scale: float = 1.0) -> dict:
-    args = {"model_path": PICKSCORE, "name": "pickscore", "logit_scale": logit_scale}
-    if train_scale != 1.0:
-        args["train_scale"] = train_scale
-    return {"class_path": "rdm_lightning.rewards.CLIPScoreReward", "init_args": args}
+def dmdr_rewards() -> list[dict]:
+    """DMDR's two ReFL rewards as its training code scores them: DFN5B-CLIP and HPSv2.1 on the prompt
+    prefixed with "Realistic photo", both on images squashed to 224 × 224."""
+    return [reward("dfn_clip", checkpoint_path=DFN_CLIP, bpe_path=OPEN_CLIP_BPE, name="clip"),
+            reward("hpsv2", checkpoint_path=HPS_V21, bpe_path=OPEN_CLIP_BPE, prompt_prefix=DMDR_HPS_PREFIX,
+                   resize_mode="squash", name="hps")]
 
 
-def gold_reward() -> dict:
-    """DMDR's SRPO-style reward over the CLIP-L embeddings, scored and logged, never optimized."""
-    return {"class_path": "rdm_lightning.rewards.SRPOReward", "init_args": {
-        "name": "srpo", "scorer": {"class_path": "rdm_lightning.rewards.CLIPScoreReward",
-                                   "init_args": {"model_path": CLIP_L, "name": "srpo_clip"}}}}
+def rtdmd_rewards() -> list[dict]:
+    """RTDMD's differentiable training rewards (its backprop R = clip + pickscore/26 + hps; GenEval, the
+    fourth advantage reward, runs out of process and is not in the library)."""
+    return [reward("clip_score", model_path=CLIP_L, name="clip"),
+            reward("pickscore", model_path=PICKSCORE, train_scale=PICKSCORE_TRAIN_SCALE, name="pickscore"),
+            reward("hpsv2", checkpoint_path=HPS_V21, bpe_path=OPEN_CLIP_BPE, name="hps")]
+
+
+def gold_rewards() -> list[dict]:
+    """ImageReward, logged beside the optimized rewards and never optimized: a BLIP scorer that shares no
+    network with them, so that reward hacking shows as the optimized rewards rising while it falls."""
+    return [reward("image_reward", checkpoint_path=f"{IMAGE_REWARD}/ImageReward.pt",
+                   med_config_path=f"{IMAGE_REWARD}/med_config.json", tokenizer_path=BERT_TOKENIZER,
+                   name="image_reward")]
 
 
 # ---- published runs (docs/methods/dmd.md, docs/methods/dmdr.md; docs/configs.md "Published settings") --
@@ -360,18 +377,18 @@ def model(family: str, method: str) -> dict:
     if method in SUBSTRATE_METHODS:
         sub = fam["substrate"]
         if meta["rewards"]:
-            args["rewards"] = [clip_reward(), pickscore_reward(logit_scale=False)]
-            args["gold_rewards"] = [gold_reward()]
+            args["rewards"] = dmdr_rewards()
+            args["gold_rewards"] = gold_rewards()
         args.update(teacher_dtype="bfloat16", max_generator_updates=sub["total"])
         if method == "dmdr":
-            args["dmdr"] = dmdr_block(family, method, {"clip": sub["weights"], "pickscore": sub["weights"]})
+            args["dmdr"] = dmdr_block(family, method, {"clip": sub["weights"], "hps": sub["weights"]})
         elif method in ("gndm", "gndmr"):
             gndm = {"group_size": meta["group_size"], "normalizer": "group_mean", "group_level": True,
                     "adv_weighting": "none"}
             weights = None
             if method == "gndmr":
                 gndm.update(reward_combination="auto", lambda_ramp_updates=meta["lambda_ramp_updates"])
-                weights = {"clip": meta["lambda_max"], "pickscore": meta["lambda_max"]}
+                weights = {"clip": meta["lambda_max"], "hps": meta["lambda_max"]}
             args["gndm"] = gndm
             args["dmdr"] = dmdr_block(family, method, weights)
         else:  # gdmd
@@ -380,7 +397,7 @@ def model(family: str, method: str) -> dict:
                 "reward_signal": "target", "cold_start_updates": sub["cold"],
                 "dynamic_renoise_updates": sub["cold"] if sub["dynamics"] else 0,
                 "guidance_jitter": meta["guidance_jitter"],
-                "reward_weights": {"clip": meta["omega"], "pickscore": meta["omega"]}, "b2_weight": 0.0,
+                "reward_weights": {"clip": meta["omega"], "hps": meta["omega"]}, "b2_weight": 0.0,
             }
         args["dmd"] = {"guidance_scale": sub["cfg"], "generator_update_ratio": meta["ttur"], "norm_eps": meta["norm_eps"]}
         args["generator_optimizer"] = optimizer(sub["lr"][0], 0.01, 1.0)
@@ -399,11 +416,11 @@ def model(family: str, method: str) -> dict:
         args["fake_score_optimizer"] = optimizer(rt["lr"], 0.0, 1.0)
     else:
         args["stage1_checkpoint"] = f"runs/{family}/rtdmd_stage1/version_0/checkpoints/last.ckpt"
-        args["rewards"] = [clip_reward(), pickscore_reward(logit_scale=True, train_scale=PICKSCORE_TRAIN_SCALE)]
-        args["gold_rewards"] = [gold_reward()]
+        args["rewards"] = rtdmd_rewards()
+        args["gold_rewards"] = gold_rewards()
         args.update(teacher_dtype="bfloat16", max_generator_updates=meta["updates"])
         args["rtdmd"] = {"group_size": rt["K"], "num_selected_steps": 2, "clip_range": 1e-5, "advantage_clip": 5.0,
-                         "reward_weights": {"clip": 1.0, "pickscore": 1.0}, "acdmd_weight": 1e-3,
+                         "reward_weights": {"clip": 1.0, "pickscore": 1.0, "hps": 1.0}, "acdmd_weight": 1e-3,
                          "backprop_weight": 1e-4, "backprop_hinge": 3.0}
         args["acdmd"] = {**acdmd, "consistency_weight": meta["consistency_weight"] if rt["consistency"] else 0.0}
         args["dmd"] = {"guidance_scale": rt["cfg"]}
@@ -500,7 +517,7 @@ def layout_text(family: str, method: str) -> str:
 
 
 def published_lines(family: str, method: str) -> list[str]:
-    fam, meta = FAMILIES[family], METHODS[method]
+    fam = FAMILIES[family]
     lines = []
     if method == "dmd":
         if "dmd" in fam:
@@ -593,15 +610,22 @@ def reward_lines(method: str) -> list[str]:
     if not METHODS[method]["rewards"]:
         return []
     if method == "rtdmd_stage2":
-        pick = f"the PickScore-style score (logit_scale: true, train_scale 1/26, RTDMD's PickScore/26)"
+        optimized = ("RTDMD's rewards (docs/rewards.md): the CLIP score of " + CLIP_L + " (\"clip\"), PickScore v1 "
+                     "(\"pickscore\", train_scale 1/26) and HPSv2.1 (\"hps\"), each an advantage with weight 1 and "
+                     "together the backprop R = clip + pickscore/26 + hps; GenEval, its fourth advantage reward, is not "
+                     "in the library.")
     else:
-        pick = "its cosine (logit_scale: false, PickScore/100 ≈ 0.2, so DMDR's hinge 0.7 stays active as with HPS)"
+        optimized = ("DMDR's rewards (docs/rewards.md): DFN5B-CLIP (\"clip\") and HPSv2.1 (\"hps\") against \""
+                     + DMDR_HPS_PREFIX + " <prompt>\", both on images squashed to 224 px as DMDR's training scores them.")
+    specs = (rtdmd_rewards() if method == "rtdmd_stage2" else dmdr_rewards()) + gold_rewards()
+    paths = list(dict.fromkeys(value for spec in specs for key, value in spec["init_args"].items()
+                               if key.endswith("_path")))
+    notes = {OPEN_CLIP_BPE: " (open_clip's BPE vocabulary; an open_clip_torch installed with --no-deps ships it)",
+             PICKSCORE: " (with the tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K copied in)"}
     return [
-        "Rewards, until the text-to-image rewards issue lands: CLIPScoreReward on " + CLIP_L + " (\"clip\") and the CLIP "
-        "score of " + PICKSCORE + " (\"pickscore\"), " + pick + ", stand in for the references' CLIP/HPSv2.1/PickScore; "
-        "the gold reward (logged, never optimized) is DMDR's SRPO-style reward over CLIP-L. Reward paths are local "
-        "folders (CLIPModel.save_pretrained plus the tokenizer; PickScore_v1 needs the tokenizer of "
-        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K copied in), here relative to the working directory, named as the hub ids.",
+        optimized + " Gold reward, logged and never optimized: ImageReward v1.0. Reward files are local paths, here "
+        "relative to the working directory under the names of the hub repos that publish them (docs/rewards.md): "
+        + ", ".join(path + notes.get(path, "") for path in paths) + ".",
     ]
 
 

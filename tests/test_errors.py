@@ -178,6 +178,9 @@ def test_every_reward_alias_works_as_a_class_path_in_a_config(capsys, tmp_path, 
         {"class_path": "hpsv2", "init_args": {"checkpoint_path": str(tmp_path / "hps.pt")}},
         {"class_path": "dfn_clip", "init_args": {"checkpoint_path": str(tmp_path / "dfn.bin")}},
         {"class_path": "aesthetic", "init_args": {"clip_model_path": str(tmp_path / "clip"), "mlp_path": str(tmp_path / "mlp.pth")}},
+        {"class_path": "image_reward", "init_args": {"checkpoint_path": str(tmp_path / "ImageReward.pt"),
+                                                     "med_config_path": str(tmp_path / "med_config.json"),
+                                                     "tokenizer_path": str(tmp_path / "bert")}},
     ]
     path = tmp_path / "aliases.yaml"
     path.write_text(yaml.safe_dump(config))

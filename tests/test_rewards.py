@@ -199,7 +199,7 @@ def test_gold_reward_scores_probabilities_and_refuses_gradients(gold_reward, tes
     assert ((scores >= 0) & (scores <= 1)).all() and scores.mean() > 0.9
     wrong = [digit_prompt((label + 1) % 10) for label in labels.tolist()]
     assert gold_reward.score(images, wrong).mean() < 0.05
-    with pytest.raises(ValueError, match=r"'DigitsGoldReward'.*not differentiable.*digits_logprob, stroke_contrast, clip_score, pickscore, srpo, hpsv2, dfn_clip, aesthetic\)"):
+    with pytest.raises(ValueError, match=r"'DigitsGoldReward'.*not differentiable.*digits_logprob, stroke_contrast, clip_score, pickscore, srpo, hpsv2, dfn_clip, aesthetic, image_reward\)"):
         gold_reward.score(images[:2], prompts[:2], with_grad=True)
 
 

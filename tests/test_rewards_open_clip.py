@@ -6,7 +6,6 @@ here independently of the library (from open_clip's model.py / transformer.py / 
 from __future__ import annotations
 
 import gzip
-import importlib
 import importlib.util
 import json
 import math
@@ -31,6 +30,7 @@ from tiny_rewards import (
     TINY_SHAPES,
     VOCAB_SIZE,
     expected_open_clip_shapes,
+    import_or_skip,
     random_state_dict,
     write_bpe,
     write_dfn_checkpoint,
@@ -110,15 +110,6 @@ def text_features_by_hand(state, token_ids, quick_gelu=False):
 
 def normalised(pixels):
     return (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-
-
-def import_or_skip(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as error:
-        reason = f"{name} is not importable ({error}); parity with the reference package is not checked"
-        print(reason)
-        pytest.skip(reason)
 
 
 # --- fixtures -----------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ The tiny transform (:func:`tiny_config`) keeps every method setting of the confi
 - batches of 2 (of 2 prompts × K = 2 for the group methods), teacher sampler 2 steps;
 - LoRA roles: rank 2, alpha in the config's alpha/rank ratio; FLUX.2-klein's ``roles.generator.init``: the tiny
   distilled klein's ``transformer/`` folder;
-- every reward ``model_path`` (CLIP, PickScore, the SRPO scorer): one tiny CLIP folder, built as
-  ``tests/test_rewards_clip.py`` builds its own;
+- every reward's files: tiny random ones in the public formats (``tests/tiny_rewards.py``; one tiny CLIP
+  folder for CLIP and PickScore), its other settings (names, scales, prompt prefix, resize) kept;
 - RTDMD stage 2's ``stage1_checkpoint``: the ``last.ckpt`` of the same family's tiny stage-1 case (run here if
   the stage-1 case did not run first).
 """
@@ -38,6 +38,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from tiny_models import make_tiny_clip
+from tiny_rewards import (
+    TINY,
+    TINY_BLIP_VISION,
+    TINY_QUICK,
+    write_bpe,
+    write_dfn_checkpoint,
+    write_hps_checkpoint,
+    write_image_reward_files,
+)
 
 from rdm_lightning.backbones.stable_diffusion import EXPORT_MANIFEST
 from rdm_lightning.cli import main
@@ -90,6 +101,8 @@ class TinyModels:
         self.caches: dict[str, Path] = {}
         self.stage1: dict[str, Path] = {}
         self._clip: Path | None = None
+        self._open_clip: dict[str, Path] | None = None
+        self._image_reward: dict[str, Path] | None = None
         self._klein_distilled: Path | None = None
         self.prompts = root / "prompts.txt"
         self.prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -123,40 +136,42 @@ class TinyModels:
 
     def clip(self) -> Path:
         if self._clip is None:
-            from tiny_models import CLIP_VOCAB_SIZE, MAX_TOKENS, tiny_clip_tokenizer
-            from transformers import CLIPConfig, CLIPModel
-
-            folder = self.root / "tiny_clip"
-            tokenizer = tiny_clip_tokenizer()
-            tokenizer.save_pretrained(folder)
-            config = CLIPConfig(
-                text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id),
-                vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=2),
-                projection_dim=16,
-            )
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                CLIPModel(config).save_pretrained(folder)
-            self._clip = folder
+            self._clip = make_tiny_clip(self.root / "tiny_clip")
         return self._clip
+
+    def open_clip_files(self) -> dict[str, Path]:
+        """A tiny BPE vocabulary, HPSv2 checkpoint and DFN5B checkpoint (tests/tiny_rewards.py)."""
+        if self._open_clip is None:
+            folder = self.root / "tiny_open_clip"
+            folder.mkdir()
+            self._open_clip = {"bpe": write_bpe(folder / "bpe_simple_vocab_16e6.txt.gz"),
+                               "hpsv2": write_hps_checkpoint(folder / "HPS_v2.1_compressed.pt"),
+                               "dfn_clip": write_dfn_checkpoint(folder / "open_clip_pytorch_model.bin")}
+        return self._open_clip
+
+    def reward(self, spec: dict) -> dict:
+        """``spec`` (a config's reward entry) with its files replaced by tiny ones of the same format; every
+        other argument (name, train_scale, prompt_prefix, resize_mode) kept."""
+        args = dict(spec["init_args"])
+        alias = spec["class_path"]
+        if alias in ("clip_score", "pickscore"):
+            args["model_path"] = str(self.clip())
+        elif alias in ("hpsv2", "dfn_clip"):
+            files = self.open_clip_files()
+            args.update(checkpoint_path=str(files[alias]), bpe_path=str(files["bpe"]),
+                        architecture=TINY if alias == "hpsv2" else TINY_QUICK)
+        elif alias == "image_reward":
+            if self._image_reward is None:
+                self._image_reward = write_image_reward_files(self.root / "tiny_image_reward")
+            args.update({key: str(path) for key, path in self._image_reward.items()}, vision_architecture=TINY_BLIP_VISION)
+        else:
+            raise AssertionError(f"no tiny files for the reward {alias!r}; add them to TinyModels.reward")
+        return {"class_path": alias, "init_args": args}
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("t2i_tiny"))
-
-
-def replace_key(value, key: str, new):
-    """``value`` (a loaded config) with every ``key`` entry, at any depth, set to ``new``."""
-    if isinstance(value, dict):
-        return {k: new if k == key else replace_key(v, key, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [replace_key(v, key, new) for v in value]
-    return value
 
 
 def tiny_config(config: dict, family: str, method: str, tiny: TinyModels, run_dir: Path) -> dict:
@@ -196,7 +211,9 @@ def tiny_config(config: dict, family: str, method: str, tiny: TinyModels, run_di
     args["teacher_sampling"]["num_steps"] = 2
     if "stage1_checkpoint" in args:
         args["stage1_checkpoint"] = str(stage1_checkpoint(family, tiny, run_dir.parent))
-    config["model"]["init_args"] = replace_key(args, "model_path", str(tiny.clip()))
+    for key in ("rewards", "gold_rewards"):
+        if key in args:
+            args[key] = [tiny.reward(spec) for spec in args[key]]
 
     data = config["data"]["init_args"]
     data["train_file"] = str(tiny.prompts)

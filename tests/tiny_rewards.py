@@ -1,16 +1,20 @@
 """Tiny random reward checkpoints written in the public files' formats, shared by the reward tests and the
 configs matrix (tests/test_t2i_configs.py).
 
-The open_clip layout (HPSv2's ``HPS_v2.1_compressed.pt``, DFN5B's ``open_clip_pytorch_model.bin``) and the
-LAION aesthetic MLP (``sac+logos+ava1-l14-linearMSE.pth``) are enumerated by hand here, independently of the
-library (from open_clip's model.py / transformer.py / tokenizer.py and improved-aesthetic-predictor).
+The open_clip layout (HPSv2's ``HPS_v2.1_compressed.pt``, DFN5B's ``open_clip_pytorch_model.bin``), the LAION
+aesthetic MLP (``sac+logos+ava1-l14-linearMSE.pth``) and ImageReward's ``ImageReward.pt`` are enumerated by hand
+here, independently of the library (from open_clip's model.py / transformer.py / tokenizer.py,
+improved-aesthetic-predictor, and ImageReward's BLIP code).
 """
 from __future__ import annotations
 
 import gzip
+import importlib
+import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 BPE_HEADER = "bpe_simple_vocab_16e6.txt#version: 0.2"  # the first line of open_clip's file
@@ -119,3 +123,113 @@ def write_aesthetic_mlp(path: Path, embedding_dim: int, seed: int = 0) -> Path:
     """``sac+logos+ava1-l14-linearMSE.pth``'s layout for CLIP embeddings of width ``embedding_dim``."""
     torch.save(random_mlp_state(embedding_dim, seed), path)
     return path
+
+
+# --- ImageReward (THUDM/ImageReward: ImageReward.pt, med_config.json, a bert-base-uncased tokenizer folder) ---
+
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_WORDS = ["a", "photo", "of", "cat", "dog", "red", "car", "two", "dogs", "playing", "in", "the", "snow", "##s"]
+BERT_VOCAB = BERT_SPECIAL + BERT_WORDS
+TINY_BLIP_VISION = dict(image_size=32, patch_size=16, width=32, layers=2, heads=2, mlp_ratio=4.0)
+TINY_MED_CONFIG = {
+    # med_config.json's fields, at tiny sizes; vocab_size is the BERT vocabulary plus BLIP's [DEC] and [ENC].
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+    "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(BERT_VOCAB) + 2,
+    "encoder_width": 32, "add_cross_attention": True,
+}
+REAL_MED_CONFIG = {**TINY_MED_CONFIG, "hidden_size": 768, "intermediate_size": 3072, "max_position_embeddings": 512,
+                   "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 30524, "encoder_width": 768}
+
+
+def image_reward_shapes(vision: dict, med: dict, embed_dim: int) -> dict[str, tuple[int, ...]]:
+    """ImageReward.pt's keys and shapes, enumerated by hand from ImageReward's BLIP_Pretrain (timm ViT as
+    ``blip.visual_encoder``, med.py's BertModel without pooler as ``blip.text_encoder``, the contrastive
+    ``vision_proj``/``text_proj``) and its ``MLP(768)`` head ``mlp.layers``."""
+    width, text, grid = vision["width"], med["hidden_size"], vision["image_size"] // vision["patch_size"]
+    hidden = int(width * vision["mlp_ratio"])
+    shapes: dict[str, tuple[int, ...]] = {
+        "blip.visual_encoder.cls_token": (1, 1, width),
+        "blip.visual_encoder.pos_embed": (1, grid * grid + 1, width),
+        "blip.visual_encoder.patch_embed.proj.weight": (width, 3, vision["patch_size"], vision["patch_size"]),
+        "blip.visual_encoder.patch_embed.proj.bias": (width,),
+        "blip.visual_encoder.norm.weight": (width,), "blip.visual_encoder.norm.bias": (width,),
+        "blip.vision_proj.weight": (embed_dim, width), "blip.vision_proj.bias": (embed_dim,),
+        "blip.text_proj.weight": (embed_dim, text), "blip.text_proj.bias": (embed_dim,),
+        "blip.text_encoder.embeddings.position_ids": (1, med["max_position_embeddings"]),
+        "blip.text_encoder.embeddings.word_embeddings.weight": (med["vocab_size"], text),
+        "blip.text_encoder.embeddings.position_embeddings.weight": (med["max_position_embeddings"], text),
+        "blip.text_encoder.embeddings.LayerNorm.weight": (text,), "blip.text_encoder.embeddings.LayerNorm.bias": (text,),
+    }
+    for index in range(vision["layers"]):
+        block = f"blip.visual_encoder.blocks.{index}"
+        shapes.update({
+            f"{block}.norm1.weight": (width,), f"{block}.norm1.bias": (width,),
+            f"{block}.attn.qkv.weight": (3 * width, width), f"{block}.attn.qkv.bias": (3 * width,),
+            f"{block}.attn.proj.weight": (width, width), f"{block}.attn.proj.bias": (width,),
+            f"{block}.norm2.weight": (width,), f"{block}.norm2.bias": (width,),
+            f"{block}.mlp.fc1.weight": (hidden, width), f"{block}.mlp.fc1.bias": (hidden,),
+            f"{block}.mlp.fc2.weight": (width, hidden), f"{block}.mlp.fc2.bias": (width,),
+        })
+    for index in range(med["num_hidden_layers"]):
+        layer = f"blip.text_encoder.encoder.layer.{index}"
+        for attention, key_width in (("attention", text), ("crossattention", width)):
+            shapes.update({
+                f"{layer}.{attention}.self.query.weight": (text, text), f"{layer}.{attention}.self.query.bias": (text,),
+                f"{layer}.{attention}.self.key.weight": (text, key_width), f"{layer}.{attention}.self.key.bias": (text,),
+                f"{layer}.{attention}.self.value.weight": (text, key_width),
+                f"{layer}.{attention}.self.value.bias": (text,),
+                f"{layer}.{attention}.output.dense.weight": (text, text),
+                f"{layer}.{attention}.output.dense.bias": (text,),
+                f"{layer}.{attention}.output.LayerNorm.weight": (text,),
+                f"{layer}.{attention}.output.LayerNorm.bias": (text,),
+            })
+        shapes.update({
+            f"{layer}.intermediate.dense.weight": (med["intermediate_size"], text),
+            f"{layer}.intermediate.dense.bias": (med["intermediate_size"],),
+            f"{layer}.output.dense.weight": (text, med["intermediate_size"]), f"{layer}.output.dense.bias": (text,),
+            f"{layer}.output.LayerNorm.weight": (text,), f"{layer}.output.LayerNorm.bias": (text,),
+        })
+    shapes.update({f"mlp.{key}": shape for key, shape in published_shapes(text).items()})
+    return shapes
+
+
+def random_image_reward_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float32 weights (int64 position ids) in ImageReward.pt's layout at the tiny sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in image_reward_shapes(TINY_BLIP_VISION, TINY_MED_CONFIG, embed_dim=8).items():
+        if key.endswith("position_ids"):
+            state[key] = torch.arange(shape[1]).expand(shape).clone()
+        elif "norm" in key.lower():
+            state[key] = (1.0 if key.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            fan_in = shape[1] if len(shape) == 2 else (math.prod(shape[1:]) if len(shape) > 2 else 4)
+            state[key] = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+    return state
+
+
+def write_image_reward_files(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny ``ImageReward.pt`` (bare float32 state dict), ``med_config.json`` and BERT tokenizer folder
+    (``vocab.txt``, ``tokenizer_config.json``) under ``folder``; returns the reward's three path arguments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "ImageReward.pt"
+    torch.save(random_image_reward_state(seed), checkpoint)
+    med_config = folder / "med_config.json"
+    med_config.write_text(json.dumps(TINY_MED_CONFIG, indent=2))
+    tokenizer = folder / "bert-base-uncased"
+    tokenizer.mkdir(exist_ok=True)
+    (tokenizer / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    return {"checkpoint_path": checkpoint, "med_config_path": med_config, "tokenizer_path": tokenizer}
+
+
+def import_or_skip(name: str):
+    """The module ``name``, or a skipped test saying that parity with the reference package is not checked."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        reason = f"{name} is not importable ({error}); parity with the reference package is not checked"
+        print(reason)
+        pytest.skip(reason)

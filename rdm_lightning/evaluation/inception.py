@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rdm_lightning.state_files import some_names
+
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
 NUM_LOGITS = 1008
@@ -408,8 +410,8 @@ def _complete_state(model: FIDInceptionV3, state: dict[str, Tensor], path: Path)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{str(path)!r} is not the FID InceptionV3's state dict: missing keys {_some(missing)}, "
-            f"unexpected keys {_some(unexpected)}; expected {WEIGHTS_FORMAT}"
+            f"{str(path)!r} is not the FID InceptionV3's state dict: missing keys {some_names(missing, 8)}, "
+            f"unexpected keys {some_names(unexpected, 8)}; expected {WEIGHTS_FORMAT}"
         )
     wrong_shapes = [
         f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
@@ -418,15 +420,9 @@ def _complete_state(model: FIDInceptionV3, state: dict[str, Tensor], path: Path)
     ]
     if wrong_shapes:
         raise ValueError(
-            f"{str(path)!r} has tensors of the wrong shape: {_some(wrong_shapes)}; expected {WEIGHTS_FORMAT}"
+            f"{str(path)!r} has tensors of the wrong shape: {some_names(wrong_shapes, 8)}; expected {WEIGHTS_FORMAT}"
         )
     complete = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
     for key in counters - set(state):
         complete[key] = torch.zeros((), dtype=torch.long)
     return complete
-
-
-def _some(names: list[str], limit: int = 8) -> str:
-    """The first ``limit`` of ``names``, and how many more there are."""
-    shown = ", ".join(names[:limit]) or "none"
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

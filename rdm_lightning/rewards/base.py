@@ -37,6 +37,7 @@ REWARD_ALIASES: dict[str, str] = {
     "hpsv2": "rdm_lightning.rewards.open_clip.HPSv2Reward",
     "dfn_clip": "rdm_lightning.rewards.open_clip.DFNCLIPReward",
     "aesthetic": "rdm_lightning.rewards.aesthetic.AestheticReward",
+    "image_reward": "rdm_lightning.rewards.image_reward.ImageReward",
 }
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdm_lightning.rewards.base import RewardModel
+from rdm_lightning.state_files import read_state_dict_file, some_names
 from rdm_lightning.rewards.clip import CLIP_MEAN, CLIP_STD
 
 HPS_CHECKPOINT_SOURCE = (
@@ -379,7 +380,7 @@ def load_open_clip_model(config: OpenCLIPConfig, state_dict: Mapping[str, Tensor
     if missing or unexpected:
         raise ValueError(
             f"{source}: the weights do not fit the OpenCLIP architecture {config}: "
-            f"{len(missing)} keys missing {_few(missing)}, {len(unexpected)} unexpected {_few(unexpected)}"
+            f"{len(missing)} keys missing {some_names(missing)}, {len(unexpected)} unexpected {some_names(unexpected)}"
         )
     for name, shape in expected.items():
         tensor = state_dict[name]
@@ -391,49 +392,6 @@ def load_open_clip_model(config: OpenCLIPConfig, state_dict: Mapping[str, Tensor
             )
     model.load_state_dict({name: state_dict[name].to(torch.float32) for name in expected}, assign=True)
     return model
-
-
-def _few(names: Sequence[str], count: int = 5) -> str:
-    shown = ", ".join(repr(name) for name in names[:count])
-    return f"[{shown}{', ...' if len(names) > count else ''}]"
-
-
-def read_open_clip_checkpoint(path: str | Path, nested: bool, source: str) -> dict[str, Tensor]:
-    """The state dict of an open_clip checkpoint file, loaded on the CPU with ``weights_only=True``.
-
-    Args:
-        path: The file.
-        nested: The file is a dict whose ``"state_dict"`` holds the weights (HPSv2's format);
-            otherwise the file is the state dict itself (open_clip's ``open_clip_pytorch_model.bin``).
-        source: The expected file and where it is published, for the error messages.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a torch checkpoint of the expected layout.
-    """
-    file = Path(path).expanduser()
-    layout = "a dict with the weights under 'state_dict'" if nested else "a bare state dict"
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint not found at {str(file)!r}; expected {source} ({layout})")
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load reports unreadable files with several exception types.
-        raise ValueError(
-            f"{str(file)!r} is not a readable torch checkpoint ({type(error).__name__}: {error}); expected {source}"
-        ) from error
-    if nested:
-        if not (isinstance(loaded, Mapping) and "state_dict" in loaded):
-            keys = list(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
-            raise ValueError(
-                f"{str(file)!r} has no 'state_dict' entry (got {keys}); expected {source} ({layout})"
-            )
-        loaded = loaded["state_dict"]
-    if not (isinstance(loaded, Mapping) and all(isinstance(value, Tensor) for value in loaded.values())):
-        found = list(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
-        raise ValueError(
-            f"{str(file)!r} does not hold a state dict of tensors (got {found}); expected {source} ({layout})"
-        )
-    return dict(loaded)
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
@@ -722,7 +680,7 @@ class _OpenCLIPCosineReward(RewardModel):
                 f"the BPE file {str(self.tokenizer.bpe_path)!r} gives {self.tokenizer.vocab_size} tokens but the "
                 f"architecture has vocab_size {config.vocab_size}; use open_clip's {BPE_FILENAME} ({BPE_SOURCE})"
             )
-        state_dict = read_open_clip_checkpoint(checkpoint_path, nested=nested, source=source)
+        state_dict = read_state_dict_file(checkpoint_path, nested=nested, source=source)
         self.model = load_open_clip_model(config, state_dict, source=f"{checkpoint_path!r} (expected {source})")
         self.resize_mode = resize_mode
         self.prompt_prefix = prompt_prefix

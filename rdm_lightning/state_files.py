@@ -1,0 +1,58 @@
+"""Reading the state dict of a published weights file, and naming a few of many keys in an error message."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def first_sentence(error: BaseException) -> str:
+    """What failed, without the advice torch and numpy append (e.g. on unpickling a file they cannot vouch for)."""
+    return str(error).strip().splitlines()[0].split(". ")[0].rstrip(".")
+
+
+def some_names(names: Sequence[str], count: int = 5) -> str:
+    """The first ``count`` of ``names`` as a bracketed list, with ``...`` when there are more."""
+    shown = ", ".join(repr(name) for name in names[:count])
+    return f"[{shown}{', ...' if len(names) > count else ''}]"
+
+
+def read_state_dict_file(path: str | Path, nested: bool, source: str) -> dict[str, Tensor]:
+    """The state dict of a torch checkpoint file (open_clip, HPSv2, ImageReward), loaded on the CPU with
+    ``weights_only=True``.
+
+    Args:
+        path: The file.
+        nested: The file is a dict whose ``"state_dict"`` holds the weights (HPSv2's format);
+            otherwise the file is the state dict itself (open_clip's ``open_clip_pytorch_model.bin``).
+        source: The expected file and where it is published, for the error messages.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a torch checkpoint of the expected layout.
+    """
+    file = Path(path).expanduser()
+    layout = "a dict with the weights under 'state_dict'" if nested else "a bare state dict"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint not found at {str(file)!r}; expected {source} ({layout})")
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load reports unreadable files with several exception types.
+        raise ValueError(
+            f"{str(file)!r} is not a readable torch checkpoint ({type(error).__name__}: {first_sentence(error)}); expected {source}"
+        ) from error
+    if nested:
+        if not (isinstance(loaded, Mapping) and "state_dict" in loaded):
+            keys = list(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
+            raise ValueError(
+                f"{str(file)!r} has no 'state_dict' entry (got {keys}); expected {source} ({layout})"
+            )
+        loaded = loaded["state_dict"]
+    if not (isinstance(loaded, Mapping) and all(isinstance(value, Tensor) for value in loaded.values())):
+        found = list(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise ValueError(
+            f"{str(file)!r} does not hold a state dict of tensors (got {found}); expected {source} ({layout})"
+        )
+    return dict(loaded)
