@@ -97,6 +97,15 @@ def build_image_reward(folder: Path):
     return ImageReward(**{key: str(path) for key, path in files.items()}, vision_architecture=TINY_BLIP_VISION)
 
 
+def build_hpsv3(folder: Path):
+    from tiny_hpsv3 import write_hpsv3_checkpoint, write_qwen2_vl_folder
+
+    from rdm_lightning.rewards import HPSv3Reward
+
+    base = write_qwen2_vl_folder(folder / "Qwen2-VL-7B-Instruct")
+    return HPSv3Reward(str(write_hpsv3_checkpoint(folder / "HPSv3.safetensors")), str(base))
+
+
 def meta_parameters(build: Callable[[], torch.nn.Module]) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in build().parameters())
@@ -147,6 +156,12 @@ def image_reward_real() -> torch.nn.Module:
     return ImageRewardModel(BLIPVisionConfig.from_spec("ViT-L/16"), text)
 
 
+def hpsv3_real() -> torch.nn.Module:
+    from tiny_hpsv3 import real_size_hpsv3
+
+    return real_size_hpsv3()
+
+
 REWARDS: dict[str, tuple[Callable[[Path], object], Callable[[], torch.nn.Module]]] = {
     "clip_score": (build_clip, clip_l),
     "pickscore": (build_pickscore, clip_h),
@@ -154,6 +169,7 @@ REWARDS: dict[str, tuple[Callable[[Path], object], Callable[[], torch.nn.Module]
     "dfn_clip": (build_open_clip("dfn_clip"), open_clip_vit_h),
     "aesthetic": (build_aesthetic, aesthetic_real),
     "image_reward": (build_image_reward, image_reward_real),
+    "hpsv3": (build_hpsv3, hpsv3_real),
 }
 
 

@@ -181,6 +181,8 @@ def test_every_reward_alias_works_as_a_class_path_in_a_config(capsys, tmp_path, 
         {"class_path": "image_reward", "init_args": {"checkpoint_path": str(tmp_path / "ImageReward.pt"),
                                                      "med_config_path": str(tmp_path / "med_config.json"),
                                                      "tokenizer_path": str(tmp_path / "bert")}},
+        {"class_path": "hpsv3", "init_args": {"checkpoint_path": str(tmp_path / "HPSv3.safetensors"),
+                                              "base_model_path": str(tmp_path / "Qwen2-VL-7B-Instruct")}},
     ]
     path = tmp_path / "aliases.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -16,6 +16,7 @@ from rdm_lightning.rewards.digits import (
     StrokeContrastReward,
     load_gold_classifier,
 )
+from rdm_lightning.rewards.hpsv3 import HPSv3Reward
 from rdm_lightning.rewards.image_reward import ImageReward
 from rdm_lightning.rewards.open_clip import DFNCLIPReward, HPSv2Reward
 
@@ -28,6 +29,7 @@ __all__ = [
     "DigitsGoldReward",
     "DigitsMLP",
     "HPSv2Reward",
+    "HPSv3Reward",
     "ImageReward",
     "PickScoreReward",
     "RewardModel",

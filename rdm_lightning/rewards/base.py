@@ -38,6 +38,7 @@ REWARD_ALIASES: dict[str, str] = {
     "dfn_clip": "rdm_lightning.rewards.open_clip.DFNCLIPReward",
     "aesthetic": "rdm_lightning.rewards.aesthetic.AestheticReward",
     "image_reward": "rdm_lightning.rewards.image_reward.ImageReward",
+    "hpsv3": "rdm_lightning.rewards.hpsv3.HPSv3Reward",
 }
 
 
