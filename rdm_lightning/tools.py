@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from rdm_lightning.data.prompt_sets import load_prompt_set, prompt_set_names
 from rdm_lightning.data.prompts import load_prompts
 from rdm_lightning.evaluation.grid import save_image_grid
 from rdm_lightning.methods.lora import merged_copy
@@ -72,9 +73,9 @@ def checked_sample_prompts(args: argparse.Namespace) -> list[str]:
     ``rdm sample`` argument that needs no checkpoint, so that a bad one fails before it is loaded.
 
     Raises:
-        FileNotFoundError, FileExistsError: a missing prompts file, or an ``--output`` that is a file.
-        ValueError: an empty prompt or prompts file, a seed torch refuses, or ``--guidance``
-            without ``--role teacher``.
+        FileNotFoundError, FileExistsError: a missing prompts file or prompt set, or an ``--output`` that is a file.
+        ValueError: an empty prompt or prompts file, a malformed prompt set or an unknown set name
+            (``--prompt-set``), a seed torch refuses, or ``--guidance`` without ``--role teacher``.
     """
     check_output_folder(args.output)
     if args.guidance is not None and args.role != "teacher":
@@ -83,6 +84,12 @@ def checked_sample_prompts(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if args.prompts_file is not None:
         base = load_prompts(args.prompts_file)
+    elif args.prompt_set is not None:
+        name, colon, path = args.prompt_set.partition(":")
+        if not (colon and name and path):
+            raise ValueError(f"--prompt-set must be NAME:PATH (e.g. partiprompts:PartiPrompts.tsv), got "
+                             f"{args.prompt_set!r}; accepted names: {', '.join(prompt_set_names())}")
+        base = load_prompt_set(name, path)
     elif args.prompt.strip():
         base = [args.prompt]
     else:
@@ -162,24 +169,195 @@ def load_samples(path: str | Path) -> tuple[Tensor, list[str]]:
     return torch.from_numpy(images), [str(p) for p in prompts]
 
 
+TEXT_TO_IMAGE_OPTIONS = ("reward", "reference", "teacher_samples", "features", "inception", "cache_dir",
+                         "prompts_file", "batch_size", "device")
+"""The ``rdm evaluate`` options of text-to-image mode: with none of them, it scores 8×8 digits."""
+
+
 def evaluate(args: argparse.Namespace) -> dict:
-    """Digits metrics of a ``samples.npz``; prints them as JSON and writes ``metrics.json`` beside it."""
+    """Metrics of ``--samples``: digits metrics when no text-to-image option is given
+    (:data:`TEXT_TO_IMAGE_OPTIONS`), else rewards, FID and FID-SD (:func:`evaluate_text_to_image`)."""
+    if any(getattr(args, name) not in (None, []) for name in TEXT_TO_IMAGE_OPTIONS):
+        return evaluate_text_to_image(args)
+    return evaluate_digits(args)
+
+
+def evaluate_digits(args: argparse.Namespace) -> dict:
+    """Digits metrics of a ``samples.npz``; prints them as JSON and writes ``metrics.json`` beside it
+    (or into ``--output``)."""
     from rdm_lightning.evaluation.digits import DigitsEvaluator
 
     path = Path(args.samples)
     images, prompts = load_samples(path)
+    output = Path(args.output).expanduser() if args.output is not None else path.parent
+    check_output_folder(output)
     evaluator = DigitsEvaluator.default()
     try:
         metrics = evaluator.evaluate(images, prompts)
     except ValueError as error:
-        raise ValueError(f"{str(path)!r}: {error} (`rdm evaluate` scores digits samples)") from error
+        raise ValueError(
+            f"{str(path)!r}: {error} (with --samples alone `rdm evaluate` scores 8×8 digits samples; "
+            f"give --reward, --reference or --teacher-samples for text-to-image metrics)"
+        ) from error
     metrics["real_data_floor"] = evaluator.real_data_floor()
     sampling = path.parent / "sampling.json"
     if sampling.exists():
         metrics.update(json.loads(sampling.read_text()))
-    (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
+
+
+def evaluate_text_to_image(args: argparse.Namespace) -> dict:
+    """Rewards of ``--samples`` (and ``--teacher-samples``), their FID against ``--reference`` and the
+    student's FID-SD against the teacher; writes :func:`~rdm_lightning.evaluation.t2i.write_report`'s
+    files into ``--output`` and prints the report as JSON.
+
+    Raises:
+        ValueError: nothing to evaluate, an option that does not apply (e.g. ``--inception`` without
+            ``--reference`` or ``--teacher-samples``), teacher samples of other prompts, or what the
+            readers and metrics refuse.
+    """
+    from rdm_lightning.evaluation.fid import extractor_fingerprint, reference_statistics
+    from rdm_lightning.evaluation.t2i import feature_extractor, image_features, reward_scores, t2i_metrics, write_report
+
+    wants_fid = args.reference is not None or args.teacher_samples is not None
+    if not args.reward and not wants_fid:
+        raise ValueError("nothing to evaluate: give --reward, --reference or --teacher-samples "
+                         "(with --samples alone, `rdm evaluate` scores 8×8 digits samples)")
+    if not wants_fid:
+        for flag, value in (("--features", args.features), ("--inception", args.inception)):
+            if value is not None:
+                raise ValueError(f"{flag} sets the network of FID and FID-SD: add --reference or --teacher-samples")
+    if args.cache_dir is not None and args.reference is None:
+        raise ValueError("--cache-dir caches the statistics of --reference: add --reference, or leave it out")
+    folders = [path for path in (args.samples, args.teacher_samples) if path and Path(path).expanduser().is_dir()]
+    if args.prompts_file is not None and not folders:
+        raise ValueError("--prompts-file gives the prompts of an image folder, but every samples.npz holds its own prompts")
+    batch_size = args.batch_size or 32
+    specs = [spec for text in args.reward for spec in reward_specs(text)]
+    sets = {"student": read_image_set(args.samples, args.prompts_file, "--samples")}
+    if args.teacher_samples is not None:
+        sets["teacher"] = read_image_set(args.teacher_samples, args.prompts_file, "--teacher-samples")
+        check_same_prompts(sets["student"][1], sets["teacher"][1])
+    if args.features == "digits":
+        for role, (images, _, _) in sets.items():
+            if images.shape[1:] != (1, 8, 8):
+                raise ValueError(f"--features digits takes 8×8 grey digits, but the {role}'s images are "
+                                 f"{tuple(images.shape[1:])} (C, H, W); use --features inception")
+    samples = Path(args.samples).expanduser()
+    output = Path(args.output).expanduser() if args.output is not None else (
+        samples.parent / f"{samples.name}_evaluation" if samples.is_dir() else samples.parent)
+    check_output_folder(output)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rewards = build_rewards(specs, device)
+    extractor = feature_extractor(args.features, args.inception, device) if wants_fid else None
+    reference = None if args.reference is None else reference_statistics(args.reference, extractor, args.cache_dir, batch_size)
+    features = {role: image_features(images, extractor, batch_size) for role, (images, _, _) in sets.items()} if extractor else {}
+    fingerprint = extractor_fingerprint(extractor) if extractor else None
+    report = {}
+    for role, (images, prompts, sampling) in sets.items():
+        teacher_features = features.get("teacher") if role == "student" else None
+        compared = reference is not None or teacher_features is not None
+        if not (rewards or compared):
+            continue  # the teacher's samples served the student's FID-SD only: nothing of their own to report
+        entry = t2i_metrics(
+            reward_scores(images, prompts, rewards, batch_size),
+            features=features[role] if compared else None,
+            reference=reference,
+            teacher_features=teacher_features,
+            fingerprint=fingerprint if compared else None,
+        )
+        report[role] = entry if sampling is None else {**entry, "sampling": sampling}
+    paths = write_report(report, output)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {', '.join(str(path) for path in paths)}")
+    return report
+
+
+def read_image_set(path: str | Path, prompts_file: str | None, flag: str) -> tuple[Tensor, list[str], dict | None]:
+    """The images ``(N, C, H, W)`` in ``[0, 1]`` and prompts of a samples.npz or an image folder, and the
+    ``sampling.json`` beside a samples.npz (``None`` if there is none).
+
+    A folder's images are its ``.png``/``.jpg``/``.jpeg`` files in name order; its prompts are those of
+    ``prompts_file``, else of the ``prompts.txt`` in it, one per image in the same order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a folder without prompts, or with not as many prompts as images.
+    """
+    from rdm_lightning.evaluation.fid import load_image_folder
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        images, prompts = load_samples(folder)
+        sampling = folder.parent / "sampling.json"
+        return images.permute(0, 3, 1, 2), prompts, json.loads(sampling.read_text()) if sampling.is_file() else None
+    if prompts_file is None and not (folder / "prompts.txt").is_file():
+        raise ValueError(f"{flag} {str(folder)!r} is an image folder: its prompts come from --prompts-file or a "
+                         f"prompts.txt in it (one line per image, in file-name order)")
+    prompts = load_prompts(prompts_file if prompts_file is not None else folder / "prompts.txt")
+    images = load_image_folder(folder)
+    if len(prompts) != len(images):
+        raise ValueError(f"{flag} {str(folder)!r} holds {len(images)} images but its prompts file has {len(prompts)} "
+                         f"prompts; give one prompt per image, in file-name order")
+    return images, prompts, None
+
+
+def check_same_prompts(student: list[str], teacher: list[str]) -> None:
+    """Raise unless the teacher's samples are of the student's prompts, in the same order (FID-SD's premise)."""
+    if len(student) != len(teacher):
+        raise ValueError(f"FID-SD compares samples of the same prompts: --samples holds {len(student)} images "
+                         f"but --teacher-samples {len(teacher)}")
+    for index, (ours, theirs) in enumerate(zip(student, teacher)):
+        if ours != theirs:
+            raise ValueError(f"FID-SD compares samples of the same prompts: image {index} is of {ours!r} in "
+                             f"--samples but of {theirs!r} in --teacher-samples")
+
+
+def reward_specs(text: str) -> list:
+    """The reward specs of one ``--reward``: a ``.yaml``/``.yml``/``.json`` file of one spec or a list of them,
+    an inline JSON/YAML mapping ``{"class_path": ..., "init_args": {...}}``, or an alias or class path."""
+    import yaml
+
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--reward file {text!r} not found")
+        source, content = f"--reward file {text!r}", path.read_text()
+    elif text.lstrip().startswith("{"):
+        source, content = f"--reward {text!r}", text
+    else:
+        return [text]
+    try:
+        loaded = yaml.safe_load(content)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{source} is not valid JSON/YAML ({error})") from error
+    specs = loaded if isinstance(loaded, list) else [loaded]
+    for spec in specs:
+        if not isinstance(spec, (str, dict)) or not spec:
+            raise ValueError(f"{source}: each reward must be an alias, a class path or a mapping "
+                             f"{{class_path: ..., init_args: {{...}}}}, got {spec!r}")
+    return specs
+
+
+def build_rewards(specs: list, device: torch.device) -> dict:
+    """The rewards of the ``--reward`` specs (:func:`reward_specs`) by name, on ``device``.
+
+    Raises:
+        ValueError: two rewards of the same name (give one another ``init_args: {name: ...}``).
+    """
+    from rdm_lightning.rewards.base import build_reward
+
+    rewards = {}
+    for spec in specs:
+        reward = build_reward(spec).to(device)
+        if reward.name in rewards:
+            raise ValueError(f"two --reward are named {reward.name!r}; give one another name with "
+                             f"{{\"class_path\": ..., \"init_args\": {{\"name\": ...}}}}")
+        rewards[reward.name] = reward
+    return rewards
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -296,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", help=".txt, .jsonl or .csv of prompts")
     source.add_argument("--prompt")
+    source.add_argument("--prompt-set", metavar="NAME:PATH",
+                        help=f"a public benchmark's prompts from its published file; NAME: {', '.join(prompt_set_names())}")
     p.add_argument("--num-per-prompt", type=_at_least_one, default=1)
     p.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=_finite_float, default=None, help="teacher CFG scale (default: the checkpoint's)")
@@ -309,8 +489,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(run=sample)
 
-    p = commands.add_parser("evaluate", help="digits metrics of a samples.npz")
-    p.add_argument("--samples", required=True)
+    p = commands.add_parser(
+        "evaluate", help="digits metrics of a samples.npz, or text-to-image rewards, FID and FID-SD",
+        description="With --samples alone: digits metrics of 8x8 digits samples (metrics.json). With any other option "
+                    "but --output: text-to-image mode, writing evaluation.json, evaluation.md and one chart per metric.")
+    p.add_argument("--samples", required=True, help="a samples.npz of `rdm sample`, or (text-to-image) an image folder")
+    p.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                   help="repeatable: an alias (e.g. digits_gold, hpsv2) or class path, an inline mapping "
+                        "'{\"class_path\": \"hpsv2\", \"init_args\": {...}}', or a .yaml/.json file of one or a list of them")
+    p.add_argument("--reference", default=None, help="FID reference: an image folder, a samples.npz or a statistics .npz")
+    p.add_argument("--teacher-samples", default=None,
+                   help="the teacher's samples of the same prompts (samples.npz or image folder): FID-SD, and its own rewards")
+    p.add_argument("--features", choices=("inception", "digits"), default=None,
+                   help="network of FID/FID-SD: the FID InceptionV3 (default; needs --inception) or the digits classifier")
+    p.add_argument("--inception", default=None, help="the FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--cache-dir", default=None, help="cache of --reference statistics")
+    p.add_argument("--prompts-file", default=None,
+                   help="prompts of an image folder, one per image in file-name order (default: its prompts.txt)")
+    p.add_argument("--output", default=None,
+                   help="report folder (default: the samples.npz's folder, or FOLDER_evaluation beside an image folder)")
+    p.add_argument("--batch-size", type=_at_least_one, default=None, help="images per reward call and feature pass (default 32)")
+    p.add_argument("--device", default=None, help="where rewards and features run, e.g. cuda (default: cuda when available)")
     p.set_defaults(run=evaluate)
 
     p = commands.add_parser("export", help="export the student")

@@ -149,7 +149,7 @@ class RunCheckpoint(Checkpoint):
             self._stop(trainer, pl_module)
         updates = progress_count(trainer, pl_module)
         due = self.every_n_updates and updates and updates % self.every_n_updates == 0
-        if (due or _ends_training(trainer, pl_module)) and updates != self.saved_at:
+        if (due or ends_training(trainer, pl_module)) and updates != self.saved_at:
             self.save(trainer, pl_module)
 
     def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -202,7 +202,7 @@ class RunCheckpoint(Checkpoint):
         self.saved_at = state_dict["saved_at"]
 
 
-def _ends_training(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+def ends_training(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
     """Whether fit stops after this batch: the generator budget or ``max_steps`` is reached, or a stop was asked.
 
     The final checkpoint is written at that batch's end: once the loop has wound down, Lightning's

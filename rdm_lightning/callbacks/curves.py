@@ -68,6 +68,10 @@ class TrainingCurves(L.Callback):
         self.every_n_updates = every_n_updates
         self.curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.last_drawn = 0
+        self.folder: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.folder = run_dir(trainer)  # on every process: rank 0 draws later
 
     def on_train_batch_end(self, trainer, pl_module: DistillationModule, outputs, batch, batch_idx) -> None:
         updates = pl_module.generator_updates
@@ -78,11 +82,11 @@ class TrainingCurves(L.Callback):
                     points.append((updates, float(value)))
         if trainer.is_global_zero and updates - self.last_drawn >= self.every_n_updates:
             self.last_drawn = updates
-            plot_curves(self.curves, run_dir(trainer) / "curves.png", until=updates)
+            plot_curves(self.curves, self.folder / "curves.png", until=updates)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.curves:
-            plot_curves(self.curves, run_dir(trainer) / "curves.png", until=pl_module.generator_updates)
+            plot_curves(self.curves, self.folder / "curves.png", until=pl_module.generator_updates)
 
     def state_dict(self) -> dict:
         return {"curves": dict(self.curves), "last_drawn": self.last_drawn}

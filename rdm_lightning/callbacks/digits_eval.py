@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 
-from rdm_lightning.callbacks.samples import run_dir
+from rdm_lightning.callbacks.samples import fixed_noise_samples, run_dir
 from rdm_lightning.data.digits import digit_prompt
 from rdm_lightning.evaluation.digits import DigitsEvaluator
 from rdm_lightning.methods.base import DistillationModule
@@ -23,10 +24,8 @@ def evaluate_sampler(
 ) -> dict:
     """Sample ``num_samples`` class-balanced digits from fixed noise and score them."""
     prompts = balanced_digit_prompts(num_samples)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num_samples, *pl_module.backbone.latent_shape), generator=generator)
     start = time.perf_counter()
-    images = pl_module.backbone.decode(pl_module.generate(prompts, noise.to(pl_module.device), role=role, generator=generator))
+    images = fixed_noise_samples(pl_module, prompts, seed, role)
     seconds = time.perf_counter() - start
     metrics = evaluator.evaluate(images.cpu(), prompts)
     rewards = {f"reward/{name}": reward.score(images, prompts).mean().item() for name, reward in pl_module.reward_models().items()}
@@ -53,6 +52,10 @@ class DigitsEvaluation(L.Callback):
         self.history: list[dict] = []
         self._evaluator: DigitsEvaluator | None = None
         self._validation: list[tuple[torch.Tensor, list[str]]] = []
+        self.folder: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.folder = run_dir(trainer)  # on every process: rank 0 writes later
 
     @property
     def evaluator(self) -> DigitsEvaluator:
@@ -97,15 +100,15 @@ class DigitsEvaluation(L.Callback):
             report["teacher"] = evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed, role="teacher")
         report["real_data_floor"] = self.evaluator.real_data_floor()
         report["history"] = self.history
-        self._write(trainer, report)
+        self._write(report)
 
     def on_exception(self, trainer, pl_module: DistillationModule, exception: BaseException) -> None:
         """A stopped run (signal, numeric stop, crash) still writes the evaluations it made, without a final one."""
-        if trainer.is_global_zero:
-            self._write(trainer, {"history": self.history, "stopped": f"{type(exception).__name__}: {exception}"})
+        if trainer.is_global_zero and self.folder is not None:  # not when fit failed before setup
+            self._write({"history": self.history, "stopped": f"{type(exception).__name__}: {exception}"})
 
-    def _write(self, trainer: L.Trainer, report: dict) -> None:
-        path = run_dir(trainer) / "metrics.json"
+    def _write(self, report: dict) -> None:
+        path = self.folder / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
 

@@ -12,8 +12,23 @@ from rdm_lightning.methods.base import DistillationModule
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's output folder: the logger's folder, else ``default_root_dir``."""
+    """The run's output folder: the logger's folder, else ``default_root_dir``.
+
+    Every process must call it (``trainer.log_dir`` broadcasts rank 0's folder): callbacks that write on
+    rank 0 only resolve it in ``setup`` and keep it.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def fixed_noise_samples(
+    pl_module: DistillationModule, prompts: list[str], seed: int, role: str = "generator"
+) -> torch.Tensor:
+    """Decoded images of ``role`` for ``prompts`` from the noise of ``seed``: a CPU generator seeded
+    ``seed`` draws the initial noise, then any noise the sampler draws between steps, so the same
+    weights, prompts and seed always give the same images (grids, reward logging, evaluation)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *pl_module.backbone.latent_shape), generator=generator).to(pl_module.device)
+    return pl_module.backbone.decode(pl_module.generate(prompts, noise, role=role, generator=generator))
 
 
 class SampleGrid(L.Callback):
@@ -42,17 +57,19 @@ class SampleGrid(L.Callback):
         self.every_n_updates = every_n_updates
         self.scale = scale
         self.last_update = -1
+        self.folder: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.folder = run_dir(trainer)
 
     def sample(self, pl_module: DistillationModule, role: str = "generator") -> torch.Tensor:
         """Decoded images, prompt-major, from the fixed noise."""
         prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn((len(prompts), *pl_module.backbone.latent_shape), generator=generator).to(pl_module.device)
-        return pl_module.backbone.decode(pl_module.generate(prompts, noise, role=role, generator=generator))
+        return fixed_noise_samples(pl_module, prompts, self.seed, role)
 
     def save(self, trainer: L.Trainer, pl_module: DistillationModule, name: str, role: str = "generator") -> Path:
         images = self.sample(pl_module, role)
-        path = save_image_grid(images, run_dir(trainer) / "samples" / f"{name}.png", self.num_per_prompt, self.scale)
+        path = save_image_grid(images, self.folder / "samples" / f"{name}.png", self.num_per_prompt, self.scale)
         log_image = getattr(trainer.logger, "log_image", None)
         if callable(log_image):
             log_image(key=f"samples/{role}", images=[image_grid(images, self.num_per_prompt, scale=self.scale)])

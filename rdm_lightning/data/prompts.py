@@ -74,9 +74,10 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
     return prompts
 
 
-def _read_csv(path: Path, field: str) -> list[str]:
+def _read_csv(path: Path, field: str, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> list[str]:
+    # A tab-separated file whose fields hold bare quotes (PartiPrompts.tsv) reads with csv.QUOTE_NONE.
     with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         columns = reader.fieldnames or []
         if field not in columns:
             raise ValueError(f"{str(path)!r} has no column {field!r}; its columns are {columns}")

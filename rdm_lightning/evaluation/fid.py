@@ -1,10 +1,11 @@
 """FID: the Fréchet distance between Gaussians fitted to InceptionV3 features of two image sets.
 
-:func:`compute_statistics` fits the Gaussian of a set with any frozen feature extractor
-(:class:`~rdm_lightning.evaluation.inception.FIDInceptionV3` for FID), :func:`reference_statistics`
-does so for a reference set on disk and caches the result, and :func:`fid` compares two.
-FID-SD is the FID of the student's samples against the teacher's on the same prompts: the
-statistics of both sets, compared with :func:`fid`.
+:func:`image_features` runs any frozen feature extractor over a set
+(:class:`~rdm_lightning.evaluation.inception.FIDInceptionV3` for FID), :func:`compute_statistics`
+fits the Gaussian of those features, :func:`reference_statistics` does so for a reference set on
+disk and caches the result, and :func:`fid` compares two. FID-SD is the FID of the student's
+samples against the teacher's on the same prompts: the statistics of both sets, compared with
+:func:`fid` (:func:`rdm_lightning.evaluation.t2i.t2i_metrics` reports both).
 
 torchmetrics takes the same network: ``FrechetInceptionDistance(feature=FIDInceptionV3.from_file(path))``
 gives the same FID (``tests/test_fid.py`` checks it); it hands a custom network the images
@@ -154,13 +155,13 @@ def extractor_fingerprint(extractor: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def compute_statistics(
+def image_features(
     images: Tensor | Iterable[Tensor],
     extractor: nn.Module,
     batch_size: int = 50,
     progress: bool = True,
-) -> FeatureStatistics:
-    """Feature statistics of ``images`` under ``extractor``.
+) -> Tensor:
+    """Features ``(N, D)`` of ``images`` under ``extractor``, on the CPU in the dtype it returns.
 
     Args:
         images: ``(N, C, H, W)`` images, or an iterable of such batches (batches of any size,
@@ -173,7 +174,7 @@ def compute_statistics(
 
     Raises:
         ValueError: ``extractor`` in training mode, ``batch_size`` not a positive integer,
-            a batch that is not a 4-D tensor, features not ``(B, D)``, or fewer than 2 images.
+            a batch that is not a 4-D tensor, features not ``(B, D)``, or no images at all.
     """
     if extractor.training:
         raise ValueError(f"extractor {type(extractor).__name__} is in training mode; call .eval() on it first")
@@ -183,15 +184,31 @@ def compute_statistics(
     device = next(chain(extractor.parameters(), extractor.buffers()), torch.empty(0)).device
     features = []
     total = len(images) if isinstance(images, Tensor) else None
-    with torch.inference_mode(), tqdm(total=total, unit="image", desc="FID features", disable=not progress) as bar:
+    with torch.inference_mode(), tqdm(total=total, unit="image", desc="image features", disable=not progress) as bar:
         for batch in _batches(images, batch_size):
             batch_features = extractor(batch.to(device))
             _check_features(batch_features, len(batch))
             features.append(batch_features.cpu())
             bar.update(len(batch))
     if not features:
-        raise ValueError("images is empty; statistics need at least 2 images")
-    return FeatureStatistics.from_features(torch.cat(features), fingerprint=extractor_fingerprint(extractor))
+        raise ValueError("images is empty; features need at least 1 image (statistics 2)")
+    return torch.cat(features)
+
+
+def compute_statistics(
+    images: Tensor | Iterable[Tensor],
+    extractor: nn.Module,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> FeatureStatistics:
+    """Feature statistics of ``images`` under ``extractor``: :func:`image_features`, fitted by
+    :meth:`FeatureStatistics.from_features` and marked with :func:`extractor_fingerprint`.
+
+    Raises:
+        ValueError: as :func:`image_features`, or fewer than 2 images.
+    """
+    features = image_features(images, extractor, batch_size=batch_size, progress=progress)
+    return FeatureStatistics.from_features(features, fingerprint=extractor_fingerprint(extractor))
 
 
 def _check_features(features: Tensor, batch_size: int) -> None:
