@@ -31,6 +31,8 @@ DOCS = REPO / "docs" / "configs.md"
 MATRIX_BEGIN = "<!-- matrix:begin (scripts/t2i_configs.py writes this table) -->"
 MATRIX_END = "<!-- matrix:end -->"
 
+EVAL_PROMPTS_FILE = "prompts.txt"  # T2IEvaluation scores the first EVAL_SAMPLES training prompts, fixed noise
+EVAL_SAMPLES = 64
 SAMPLE_PROMPTS = ["a photo of a cat", "an astronaut riding a horse", "a bowl of ramen, studio lighting"]
 
 # ---- rewards (docs/rewards.md) -----------------------------------------------------------------------------
@@ -460,6 +462,13 @@ def trainer(family: str, method: str) -> dict:
                           "init_args": {"decay": 0.9, "every_n_updates": 8, "warmup": True}})
     callbacks.append({"class_path": "rdm_lightning.callbacks.SampleGrid", "init_args": {
         "prompts": SAMPLE_PROMPTS, "num_per_prompt": 4, "every_n_updates": interval, "scale": 1}})
+    if METHODS[method]["rewards"]:
+        optimized = [spec["init_args"]["name"] for spec in (rtdmd_rewards() if method == "rtdmd_stage2" else dmdr_rewards())]
+        gold = [f"gold/{spec['init_args']['name']}" for spec in gold_rewards()]
+        callbacks.append({"class_path": "rdm_lightning.callbacks.T2IEvaluation", "init_args": {
+            "prompts": EVAL_PROMPTS_FILE, "num_samples": EVAL_SAMPLES, "every_n_updates": interval, "batch_size": 8}})
+        callbacks.append({"class_path": "rdm_lightning.callbacks.RewardHackingMonitor", "init_args": {
+            "optimized": optimized, "gold": gold, "window": 3}})
     callbacks.append({"class_path": "rdm_lightning.callbacks.RunCheckpoint", "init_args": {"every_n_updates": interval}})
     config: dict = {"accelerator": "gpu", "devices": -1, "strategy": "deepspeed_stage_2", "precision": "bf16-mixed",
                     "max_epochs": -1, "limit_val_batches": 0}
@@ -626,6 +635,10 @@ def reward_lines(method: str) -> list[str]:
         optimized + " Gold reward, logged and never optimized: ImageReward v1.0. Reward files are local paths, here "
         "relative to the working directory under the names of the hub repos that publish them (docs/rewards.md): "
         + ", ".join(path + notes.get(path, "") for path in paths) + ".",
+        f"T2IEvaluation scores every reward on fixed noise for the first {EVAL_SAMPLES} prompts of {EVAL_PROMPTS_FILE} at "
+        "each sample-grid interval (eval/<reward>/mean, metrics.json; add extractor and fid_sd for FID-SD, "
+        "docs/evaluation.md), and RewardHackingMonitor warns when an optimized reward rises while ImageReward falls "
+        "over 3 evaluations (stop: true ends the run instead).",
     ]
 
 

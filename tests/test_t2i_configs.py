@@ -13,7 +13,8 @@ The tiny transform (:func:`tiny_config`) keeps every method setting of the confi
   ``embedding_cache``: the family's prompts, encoded once per session with ``rdm cache-embeddings``;
 - trainer: ``accelerator: cpu``, ``devices: 1``, ``strategy: auto``, ``precision: 32-true``, no progress bar or
   model summary; the logger writes under the test's temporary folder; ``SampleGrid`` is removed (``rdm
-  sample`` samples the same generator); ``RunCheckpoint`` and RTDMD's ``GeneratorEMA`` stay;
+  sample`` samples the same generator); ``T2IEvaluation`` scores 2 samples of the tiny prompts at the end of fit;
+  ``RunCheckpoint``, ``RewardHackingMonitor`` and RTDMD's ``GeneratorEMA`` stay;
 - budget: ``max_generator_updates: 2`` at ``generator_update_ratio: 1`` (RTDMD stage 2 has none: one update per
   RL iteration), with the cold starts at 1 generator update and the DynaRS / DynaDG / reward ramps at 1-2, so
   that the second update runs the reward terms;
@@ -183,6 +184,9 @@ def tiny_config(config: dict, family: str, method: str, tiny: TinyModels, run_di
     trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
     # SampleGrid is dropped: `rdm sample` below samples the same generator, and each grid costs a rollout.
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("SampleGrid")]
+    for callback in trainer["callbacks"]:
+        if callback["class_path"].endswith("T2IEvaluation"):  # one tiny batch, at the end of fit
+            callback["init_args"].update(prompts=str(tiny.prompts), num_samples=2, batch_size=2, progress=False)
 
     args = config["model"]["init_args"]
     backbone = args["backbone"]["init_args"]
@@ -257,6 +261,11 @@ def test_config_fits_samples_and_exports(family, method, tiny, tmp_path, monkeyp
     checkpoint = fit(tiny_config(config, family, method, tiny, tmp_path / "runs"), tmp_path / "tiny.yaml")
     if method == "rtdmd_stage1":
         tiny.stage1.setdefault(family, checkpoint)
+    rewards = config["model"]["init_args"].get("rewards")
+    if rewards:  # T2IEvaluation scored the optimized and the gold rewards of the final generator
+        report = json.loads((checkpoint.parents[1] / "metrics.json").read_text())
+        expected = {spec["init_args"]["name"] for spec in rewards} | {"gold/image_reward"}
+        assert set(report["student"]["rewards"]) == expected and report["student"]["generator_updates"] == 2
 
     main(["sample", "--checkpoint", str(checkpoint), "--prompts-file", str(tiny.sample_prompts),
           "--output", str(tmp_path / "samples")])
