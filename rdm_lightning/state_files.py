@@ -1,7 +1,7 @@
 """Reading the state dict of a published weights file, and naming a few of many keys in an error message."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -56,3 +56,38 @@ def read_state_dict_file(path: str | Path, nested: bool, source: str) -> dict[st
             f"{str(file)!r} does not hold a state dict of tensors (got {found}); expected {source} ({layout})"
         )
     return dict(loaded)
+
+
+def check_weights(
+    state_dict: Mapping[str, object],
+    expected: Mapping[str, tuple[int, ...]],
+    source: str,
+    network: str,
+    ignored: Collection[str] = (),
+) -> None:
+    """Raise unless ``state_dict`` holds exactly the keys of ``expected`` (plus any of ``ignored``), each a
+    floating point tensor of the expected shape.
+
+    Args:
+        state_dict: The weights read from a file.
+        expected: The network's keys and shapes.
+        source: The file and what it should be, for the messages.
+        network: What the weights are for (e.g. "the OpenCLIP architecture ViT-H-14"), for the messages.
+        ignored: Keys the file may hold that the network does not use.
+
+    Raises:
+        ValueError: missing or unexpected keys, a value that is not a floating tensor, or a shape mismatch.
+    """
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected and name not in ignored]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the weights do not fit {network}: {len(missing)} keys missing {some_names(missing)}, "
+            f"{len(unexpected)} unexpected {some_names(unexpected)}"
+        )
+    for name, shape in expected.items():
+        tensor = state_dict[name]
+        if not (isinstance(tensor, Tensor) and tensor.is_floating_point()):
+            raise ValueError(f"{source}: {name!r} must be a floating point tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {name!r} has shape {tuple(tensor.shape)} but {network} needs {shape}")

@@ -242,8 +242,8 @@ def test_files_that_do_not_fit_are_refused(files, tmp_path):
                wrong_keys)
     with pytest.raises(ValueError, match=r"1 keys missing \['mlp.layers.7.bias'\], 1 unexpected \['itm_head.weight'\]"):
         ImageReward(**arguments(files, checkpoint_path=str(wrong_keys)))
-    with pytest.raises(ValueError, match=r"'blip.visual_encoder.pos_embed' has shape \(1, 5, 32\) but the architecture "
-                                         r"needs \(1, 17, 32\)"):
+    with pytest.raises(ValueError, match=r"'blip.visual_encoder.pos_embed' has shape \(1, 5, 32\) but ImageReward's "
+                                         r"network .* needs \(1, 17, 32\)"):
         ImageReward(**arguments(files, vision_architecture={**TINY_BLIP_VISION, "patch_size": 8}))
     shifted = tmp_path / "shifted_positions.pt"
     torch.save({**state, "blip.text_encoder.embeddings.position_ids": torch.arange(1, 41)[None]}, shifted)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rdm_lightning.rewards.aesthetic import AestheticMLP
 from rdm_lightning.rewards.base import RewardModel
 from rdm_lightning.rewards.clip import clip_preprocess
-from rdm_lightning.state_files import read_state_dict_file, some_names
+from rdm_lightning.state_files import check_weights, read_state_dict_file
 
 IMAGE_REWARD_MEAN = 0.16717362830052426
 """Mean of the raw head output that ImageReward v1.0 subtracts (its ``self.mean``)."""
@@ -589,22 +589,8 @@ def load_image_reward_model(
     with torch.device("meta"):
         model = ImageRewardModel(vision, text)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected and name not in UNUSED_CHECKPOINT_KEYS]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: the weights do not fit ImageReward's network: {len(missing)} keys missing {some_names(missing)}, "
-            f"{len(unexpected)} unexpected {some_names(unexpected)}"
-        )
-    for name, shape in expected.items():
-        tensor = state_dict[name]
-        if not (isinstance(tensor, Tensor) and tensor.is_floating_point()):
-            raise ValueError(f"{source}: {name!r} must be a floating point tensor, got {type(tensor).__name__}")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{source}: {name!r} has shape {tuple(tensor.shape)} but the architecture needs {shape} "
-                f"(vision {vision}, text {text})"
-            )
+    check_weights(state_dict, expected, source, f"ImageReward's network (vision {vision}, text {text})",
+                  ignored=UNUSED_CHECKPOINT_KEYS)
     position_ids = state_dict.get("blip.text_encoder.embeddings.position_ids")
     if position_ids is not None:
         # The reference embeds positions by this buffer; the model here embeds 0, 1, ... directly.

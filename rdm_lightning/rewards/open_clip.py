@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdm_lightning.rewards.base import RewardModel
-from rdm_lightning.state_files import read_state_dict_file, some_names
+from rdm_lightning.state_files import check_weights, read_state_dict_file
 from rdm_lightning.rewards.clip import CLIP_MEAN, CLIP_STD
 
 HPS_CHECKPOINT_SOURCE = (
@@ -375,21 +375,7 @@ def load_open_clip_model(config: OpenCLIPConfig, state_dict: Mapping[str, Tensor
     with torch.device("meta"):
         model = OpenCLIPModel(config)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: the weights do not fit the OpenCLIP architecture {config}: "
-            f"{len(missing)} keys missing {some_names(missing)}, {len(unexpected)} unexpected {some_names(unexpected)}"
-        )
-    for name, shape in expected.items():
-        tensor = state_dict[name]
-        if not (isinstance(tensor, Tensor) and tensor.is_floating_point()):
-            raise ValueError(f"{source}: {name!r} must be a floating point tensor, got {type(tensor).__name__}")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{source}: {name!r} has shape {tuple(tensor.shape)} but the architecture {config} needs {shape}"
-            )
+    check_weights(state_dict, expected, source, f"the OpenCLIP architecture {config}")
     model.load_state_dict({name: state_dict[name].to(torch.float32) for name in expected}, assign=True)
     return model
 
