@@ -40,6 +40,7 @@ def load_module(checkpoint: str | Path):
     """
     import lightning as L
 
+    from rdm_lightning import distributed_checkpoints
     from rdm_lightning.runs import read_checkpoint
 
     path = Path(checkpoint).expanduser()
@@ -53,7 +54,8 @@ def load_module(checkpoint: str | Path):
         raise ValueError(f"checkpoint {str(path)!r} holds a {class_path}, which cannot be imported: {error}") from error
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
         raise TypeError(f"{class_path} in {str(path)!r} is not a LightningModule")
-    return cls.load_from_checkpoint(path, map_location="cpu").eval()
+    # A file, or the folder of an FSDP2 run (gathered into one process).
+    return distributed_checkpoints.load_from_checkpoint(cls, path, map_location="cpu").eval()
 
 
 def check_output_folder(output: str | Path, *, overwrite: bool = True) -> None:

@@ -59,6 +59,15 @@ def require_path(path: str | Path, what: str) -> Path:
     return path
 
 
+def repeated_blocks(network: nn.Module) -> list[nn.Module]:
+    """The elements of every ``nn.ModuleList`` of ``network`` that lies inside no other ``nn.ModuleList``
+    (a transformer's blocks, a UNet's down and up blocks), in module order; a list's elements are not searched further."""
+    blocks: list[nn.Module] = []
+    for child in network.children():
+        blocks.extend(child if isinstance(child, nn.ModuleList) else repeated_blocks(child))
+    return blocks
+
+
 class Backbone(nn.Module, ABC):
     """Adapter of one model family. Its own modules are frozen."""
 
@@ -83,6 +92,17 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def load_denoiser(self) -> nn.Module:
         """A fresh copy of the pretrained denoising network (float32, trainable)."""
+
+    def shard_units(self, network: nn.Module) -> list[nn.Module]:
+        """The submodules of ``network`` (a copy of the denoiser: teacher, role or EMA) that FSDP2 shards as
+        units of their own before the network's root unit takes the rest (``DistillationModule.configure_model``).
+
+        Default: the elements of the network's outermost module lists (:func:`repeated_blocks`), such
+        as a diffusers transformer's ``transformer_blocks`` and ``single_transformer_blocks``. A family whose
+        :meth:`features` runs parts of the network outside its ``forward`` must make every submodule with
+        parameters that :meth:`features` calls a unit: FSDP2 gathers a unit's weights only in that unit's own forward.
+        """
+        return repeated_blocks(network)
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

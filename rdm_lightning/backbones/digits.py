@@ -215,6 +215,12 @@ class DigitsBackbone(Backbone):
         network.load_state_dict(load_file(require_path(self.path / "denoiser.safetensors", "digits denoiser")))
         return network
 
+    def shard_units(self, network: nn.Module) -> list[nn.Module]:
+        """The residual blocks, and every module with weights that :meth:`features` (the GAN head's input)
+        calls outside the network's forward: the embedding MLPs, ``conv_in`` and the downsampling conv."""
+        return [network.time_mlp, network.text_proj, network.conv_in, network.down1, network.downsample,
+                network.mid1, network.mid2, network.up1]
+
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         device = self.text_encoder.position_embedding.device
         with torch.no_grad():

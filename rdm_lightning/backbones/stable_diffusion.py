@@ -482,6 +482,12 @@ class StableDiffusionBackbone(DiffusersBackbone):
         )
         self.prepare_text_encoders()
 
+    def shard_units(self, network: nn.Module) -> list[nn.Module]:
+        """The UNet's down, mid and up blocks, and the time (and SDXL's added-conditions) embedding and
+        ``conv_in``, which :meth:`features` (:func:`unet_bottleneck`) calls outside the UNet's forward."""
+        extra = [network.add_embedding] if getattr(network, "add_embedding", None) is not None else []
+        return [network.time_embedding, *extra, network.conv_in, *network.down_blocks, network.mid_block, *network.up_blocks]
+
     def load_text_encoders(self) -> None:
         """CLIP-L (SD1.5), plus OpenCLIP-G with its projection (SDXL)."""
         self.tokenizer = self.load_tokenizer("tokenizer")

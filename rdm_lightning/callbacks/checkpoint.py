@@ -174,7 +174,8 @@ class RunCheckpoint(Checkpoint):
         if progress_count(trainer, pl_module) != self.saved_at:
             self.save(trainer, pl_module)
         # The cost of checkpointing, for choosing every_n_updates (README: "Runs, crashes and clusters").
-        size = _size_bytes(self.last_path(trainer)) / 2**20 if trainer.is_global_zero else 0.0
+        last = self.last_path(trainer)  # on every process: the run folder (trainer.log_dir) is a collective
+        size = _size_bytes(last) / 2**20 if trainer.is_global_zero else 0.0
         rank_zero_info(f"rdm: {self.saves} checkpoints of {size:.1f} MiB written in {self.seconds_saving:.1f} s")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

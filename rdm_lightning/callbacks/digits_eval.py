@@ -75,7 +75,8 @@ class DigitsEvaluation(L.Callback):
     def on_train_batch_end(self, trainer, pl_module: DistillationModule, outputs, batch, batch_idx) -> None:
         updates = pl_module.generator_updates
         due = self.every_n_updates and updates % self.every_n_updates == 0
-        if due and trainer.is_global_zero and (not self.history or self.history[-1]["generator_updates"] != updates):
+        # Every process samples (a sharded network needs all of them); the fixed noise gives each the same figures.
+        if due and (not self.history or self.history[-1]["generator_updates"] != updates):
             self._evaluate(trainer, pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -92,15 +93,15 @@ class DigitsEvaluation(L.Callback):
         pl_module.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, rank_zero_only=True)
 
     def on_fit_end(self, trainer, pl_module: DistillationModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Sampled on every process, as in on_train_batch_end; rank 0 writes.
         report = {"student": evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed)}
         report["student"]["generator_updates"] = pl_module.generator_updates
         if self.evaluate_teacher:
             report["teacher"] = evaluate_sampler(pl_module, self.evaluator, self.num_samples, self.seed, role="teacher")
         report["real_data_floor"] = self.evaluator.real_data_floor()
         report["history"] = self.history
-        self._write(report)
+        if trainer.is_global_zero:
+            self._write(report)
 
     def on_exception(self, trainer, pl_module: DistillationModule, exception: BaseException) -> None:
         """A stopped run (signal, numeric stop, crash) still writes the evaluations it made, without a final one."""

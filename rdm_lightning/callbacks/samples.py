@@ -67,8 +67,12 @@ class SampleGrid(L.Callback):
         prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]
         return fixed_noise_samples(pl_module, prompts, self.seed, role)
 
-    def save(self, trainer: L.Trainer, pl_module: DistillationModule, name: str, role: str = "generator") -> Path:
+    def save(self, trainer: L.Trainer, pl_module: DistillationModule, name: str, role: str = "generator") -> Path | None:
+        """Sample ``role`` on every process (a sharded network needs all of them in its forward) and write the
+        grid ``samples/<name>.png`` and log it on rank 0; the path on rank 0, ``None`` elsewhere."""
         images = self.sample(pl_module, role)
+        if not trainer.is_global_zero:
+            return None
         path = save_image_grid(images, self.folder / "samples" / f"{name}.png", self.num_per_prompt, self.scale)
         log_image = getattr(trainer.logger, "log_image", None)
         if callable(log_image):
@@ -84,10 +88,8 @@ class SampleGrid(L.Callback):
         updates = pl_module.generator_updates
         if self.every_n_updates and updates % self.every_n_updates == 0 and updates != self.last_update:
             self.last_update = updates
-            if trainer.is_global_zero:
-                self.save(trainer, pl_module, f"generator_u{updates:06d}")
+            self.save(trainer, pl_module, f"generator_u{updates:06d}")
 
     def on_fit_end(self, trainer, pl_module: DistillationModule) -> None:
-        if trainer.is_global_zero:
-            self.save(trainer, pl_module, "generator_final")
-            self.save(trainer, pl_module, "teacher", role="teacher")
+        self.save(trainer, pl_module, "generator_final")
+        self.save(trainer, pl_module, "teacher", role="teacher")

@@ -4,7 +4,7 @@ Roles: the frozen ``teacher`` (real score), the ``generator`` (student), the
 ``fake_score`` (critic) and an optional discriminator head that trains with
 the fake score. Methods compute losses; :meth:`DistillationModule.step_role`
 does the rest (live parameters, backward, clipping, step, schedule), under
-any strategy: two AdamW under DDP/FSDP, one :class:`RoleAwareAdamW` under
+any strategy: two AdamW under DDP/FSDP2, one :class:`RoleAwareAdamW` under
 DeepSpeed, which accepts a single optimizer.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from rdm_lightning.backbones.base import Backbone, Conditioning, torch_dtype
@@ -34,9 +34,16 @@ from rdm_lightning.methods.roles import (
     run_under_autocast,
     trainable_parameters,
 )
+from rdm_lightning.methods.sharding import check_same_on_every_rank, check_shardable_roles, is_sharded, shard_network
+from rdm_lightning.strategies import FSDP2Strategy
 
 TRAINABLE_ROLES = ("generator", "fake_score")
 FROZEN_PREFIXES = ("teacher.", "backbone.")
+ACCEPTED_STRATEGIES = (
+    "a single device, DDP with find_unused_parameters=True (ddp_find_unused_parameters_true, configs/strategy/ddp.yaml), "
+    "DeepSpeed (deepspeed_stage_1/2/3), FSDP2 (rdm_lightning.strategies.FSDP2Strategy, configs/strategy/fsdp2.yaml)"
+)
+"""The strategies a distillation module runs under, for the error naming a refused one."""
 FLOAT32_MAX = torch.finfo(torch.float32).max
 """Largest finite float32: :meth:`Backbone.predict_x0` combines the CFG branches in float32."""
 
@@ -212,6 +219,44 @@ class DistillationModule(L.LightningModule):
                 "DDP needs find_unused_parameters=True for distillation (each backward updates one role): "
                 "use --trainer.strategy=ddp_find_unused_parameters_true"
             )
+        if isinstance(strategy, FSDPStrategy):
+            raise ValueError(
+                f"trainer.strategy {type(strategy).__name__} (FSDP1) cannot train a distillation module: its precision "
+                "plugin refuses norm clipping (grad_clip), and the module shards its networks per role with FSDP2; "
+                f"accepted: {ACCEPTED_STRATEGIES}"
+            )
+        if isinstance(strategy, ModelParallelStrategy):
+            if not isinstance(strategy, FSDP2Strategy):
+                raise ValueError(
+                    f"trainer.strategy {type(strategy).__name__}: use its subclass rdm_lightning.strategies.FSDP2Strategy "
+                    "(data parallel over every process, tensor parallel 1, and a resume that rebuilds the frozen "
+                    f"networks the checkpoint leaves out); accepted: {ACCEPTED_STRATEGIES}"
+                )
+            check_shardable_roles(self.roles)
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (:class:`~rdm_lightning.strategies.FSDP2Strategy`), shard every network over the
+        data-parallel mesh with ``fully_shard``, each in its backbone's units
+        (:meth:`~rdm_lightning.backbones.base.Backbone.shard_units`) and then its root (:meth:`sharded_networks`).
+        The frozen backbone (text encoders, VAE) and the rewards stay whole on every rank. Under any other
+        strategy nothing happens; a second call (validate after fit) leaves the sharded networks as they are."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy) or is_sharded(self.generator):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for name, (network, units) in self.sharded_networks().items():
+            check_same_on_every_rank(name, network, self.gather_per_rank)
+            shard_network(name, network, units, mesh)
+
+    def sharded_networks(self) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
+        """The networks FSDP2 shards, by name, each with its units: the teacher, the generator, the fake score
+        and the generator's EMA in the backbone's units, the discriminator head as one unit."""
+        networks = {"teacher": self.teacher, "generator": self.generator, "fake_score": self.fake_score}
+        if self.generator_ema is not None:
+            networks["generator_ema"] = self.generator_ema
+        sharded = {name: (network, self.backbone.shard_units(network)) for name, network in networks.items()}
+        if self.discriminator_head is not None:
+            sharded["discriminator_head"] = (self.discriminator_head, [])
+        return sharded
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The run's progress bar: generator updates out of ``max_generator_updates``, their rate and the
@@ -351,13 +396,28 @@ class DistillationModule(L.LightningModule):
         self.manual_backward(loss)
         clip = self.optimizer_configs[role].grad_clip
         if clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            self.clip_role_gradients(role, optimizer, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.role_updates[role] += 1
         schedulers = self.lr_schedulers()
         # One scheduler per role, or one over all role groups under DeepSpeed.
         (schedulers[TRAINABLE_ROLES.index(role)] if isinstance(schedulers, list) else schedulers).step()
+
+    def clip_role_gradients(self, role: str, optimizer, max_norm: float) -> None:
+        """Scale ``role``'s gradients so that their total 2-norm is at most ``max_norm``
+        (``OptimizerConfig.grad_clip``).
+
+        Sharded (FSDP2): here, by ``torch.nn.utils.clip_grad_norm_`` over the role's gradient shards (DTensors,
+        whose norm is that of the whole gradient across ranks), so that it never rests on a precision plugin
+        (Lightning's FSDP one refuses norm clipping). Otherwise Lightning's ``clip_gradients`` (the precision
+        plugin unscales fp16 gradients first; under DeepSpeed it does nothing, DeepSpeed clips by its own config).
+        """
+        if is_sharded(self.generator):
+            grads = [p for p in self.role_parameters()[role] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         params = self.role_parameters()
@@ -385,6 +445,9 @@ class DistillationModule(L.LightningModule):
     def enable_generator_ema(self) -> nn.Module:
         """Create (once) the frozen EMA copy of the generator; it is checkpointed with the module."""
         if self.generator_ema is None:
+            if is_sharded(self.generator):
+                raise RuntimeError("the generator is already sharded (FSDP2): create its EMA before configure_model, "
+                                   "in a callback's setup (GeneratorEMA does)")
             if self.roles.generator.adapted:
                 # The EMA averages the adapter; its frozen base is the generator's own tensors.
                 self.generator_ema = ema_copy(self.generator)
@@ -433,12 +496,15 @@ class DistillationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        if any(k.startswith("generator_ema.") for k in state):
-            self.enable_generator_ema()
-        for key, value in self.state_dict().items():
-            if self.is_frozen_state_key(key):
-                state[key] = value
+        # A distributed checkpoint (FSDP2) has no state_dict here: FSDP2Strategy loaded its entries into the
+        # sharded networks already, the EMA (created in GeneratorEMA.setup) included.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            if any(k.startswith("generator_ema.") for k in state):
+                self.enable_generator_ema()
+            for key, value in self.state_dict().items():
+                if self.is_frozen_state_key(key):
+                    state[key] = value
         rdm = checkpoint.get("rdm")
         if rdm is not None:
             self.role_updates = dict(rdm["role_updates"])
