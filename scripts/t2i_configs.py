@@ -203,7 +203,8 @@ FAMILIES: dict[str, dict] = {
         generator_init="/models/FLUX.2-klein-4B/transformer",
         teacher=dict(num_steps=50, guidance_scale=4.0),
         teacher_note="Teacher sampler: 50 Euler steps at true CFG 4.0 (RTDMD's FLUX.2 4B baseline: 50 NFE)",
-        levels_note="σ ≈ [1, 0.958, 0.884, 0.718] at 512 px (FLUX.2's exponential shift, μ ≈ 2.03)",
+        levels_note="σ ≈ [1, 0.943, 0.846, 0.646] at 512 px (FLUX.2's exponential shift at the pipelines' "
+                    "empirical μ ≈ 1.70 for 50 steps)",
         substrate=dict(DMDR_SD3M, cfg=4.0),
         substrate_note="DMDR published no FLUX.2 run: SD3-M's run (the DMDR model nearest in size) with RTDMD's "
                        "FLUX.2 CFG 4.0; the generator starts from the distilled klein, as in RTDMD",
