@@ -21,6 +21,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from rdm_lightning import runs
+from rdm_lightning.distributed_checkpoints import is_checkpoint_folder
 
 # The configs' fields carry their documentation as attribute docstrings (a string under each
 # field); with this, `--help` shows it beside every option.
@@ -67,7 +68,7 @@ class RDMLightningCLI(LightningCLI):
             # Lightning resumes a SLURM job from any hpc_ckpt_*.ckpt in default_root_dir: the job's own folder has none.
             config.trainer.default_root_dir = str(experiment_dir / version)
             own_last = experiment_dir / version / "checkpoints" / runs.LAST_CHECKPOINT
-            if config.ckpt_path is None and own_last.is_file():
+            if config.ckpt_path is None and (own_last.is_file() or is_checkpoint_folder(own_last)):
                 print(f"rdm: resuming SLURM job {version} from {own_last}")
                 config.ckpt_path = str(own_last)
         if config.ckpt_path == "last":

@@ -43,22 +43,22 @@ def run_version() -> str | None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of ``path`` (on the CPU). Of a distributed checkpoint folder (FSDP2), its
-    ``meta.pt``: everything but the weights and optimizer states (:mod:`rdm_lightning.distributed_checkpoints`).
+    """The checkpoint dict of ``path`` (on the CPU). Of a checkpoint folder (FSDP2, DeepSpeed), everything but
+    the weights and optimizer states (:mod:`rdm_lightning.distributed_checkpoints`).
 
     Raises:
-        FileNotFoundError: ``path`` is neither a file nor a distributed checkpoint folder.
+        FileNotFoundError: ``path`` is neither a file nor a checkpoint folder.
         ValueError: naming the file, when it is not a readable checkpoint (truncated, another format).
     """
     import torch
 
-    from rdm_lightning.distributed_checkpoints import is_distributed_checkpoint, read_metadata
+    from rdm_lightning.distributed_checkpoints import is_checkpoint_folder, read_metadata
 
     path = Path(path)
-    if is_distributed_checkpoint(path):
+    if is_checkpoint_folder(path):
         return read_metadata(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file (nor a distributed checkpoint folder)")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file (nor a distributed or DeepSpeed checkpoint folder)")
     try:
         # Memory-mapped when torch's zip format allows it: callers read the hyperparameters and loop
         # state, and Lightning loads the weights again itself, so an SD-scale checkpoint is not read
@@ -100,10 +100,10 @@ def checkpoint_in(run_dir: Path) -> Path:
     Raises:
         FileNotFoundError: naming the path, when there is no such checkpoint.
     """
-    from rdm_lightning.distributed_checkpoints import is_distributed_checkpoint
+    from rdm_lightning.distributed_checkpoints import is_checkpoint_folder
 
     path = run_dir / "checkpoints" / LAST_CHECKPOINT
-    if not (path.is_file() or is_distributed_checkpoint(path)):
+    if not (path.is_file() or is_checkpoint_folder(path)):
         raise FileNotFoundError(f"--ckpt_path last: no {path} to resume from (the run has no logger; its folder is default_root_dir)")
     return path
 

@@ -1,4 +1,6 @@
-"""``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` as plain FSDP2 data parallelism.
+"""The strategies a distillation module scales out with (docs/scaling.md).
+
+``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` as plain FSDP2 data parallelism.
 
 Every process is one data-parallel replica (``data_parallel_size`` = world size, ``tensor_parallel_size`` = 1);
 the module shards its own networks with ``fully_shard`` in ``configure_model``
@@ -7,16 +9,22 @@ the module shards its own networks with ``fully_shard`` in ``configure_model``
 hyperparameters); :mod:`rdm_lightning.distributed_checkpoints` reads them back as one checkpoint.
 
 Use it as a second config: ``rdm fit --config configs/sdxl/dmd.yaml --config configs/strategy/fsdp2.yaml``.
+
+``DeepSpeedZeroStrategy``: Lightning's ``DeepSpeedStrategy`` (ZeRO-1/2/3) whose checkpoints leave out the frozen
+networks the module rebuilds, as ``rdm fit``'s single-file checkpoints do; presets
+``configs/strategy/deepspeed_zero2.yaml`` and ``deepspeed_zero3.yaml``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from torch import nn
 
 from rdm_lightning.distributed_checkpoints import METADATA_FILE, checkpoint_entries, is_distributed_checkpoint
 
@@ -91,3 +99,99 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Lightning drops fit's weights_only on this (restore-after-setup) path; None means False, as in its own
         # single-file loader: the checkpoint holds the hyperparameters' objects and the random streams' states.
         return torch.load(path / METADATA_FILE, map_location="cpu", weights_only=bool(weights_only))
+
+
+@contextmanager
+def trained_entries_only(module: nn.Module) -> Iterator[None]:
+    """Inside the block, ``module.state_dict()`` leaves out the entries the module rebuilds at construction
+    (``is_frozen_state_key``: the teacher, backbone and LoRA bases) and those entries' parameters count as
+    trainable (``requires_grad``), so that DeepSpeed saves and loads the rest only.
+
+    DeepSpeed saves every parameter its optimizer does not own ("frozen") a second time, whole under ZeRO-2 and
+    partitioned under ZeRO-3 (``frozen_param_fragments``), and reloads each of them from there; the parameters
+    that remain frozen inside the block are the trained ones outside the optimizer (the generator's EMA).
+    A module without ``is_frozen_state_key`` is left as it is.
+    """
+    rebuilt = getattr(module, "is_frozen_state_key", None)
+    if rebuilt is None:
+        yield
+        return
+
+    def prune(_module: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and rebuilt(k[len(prefix):])]:
+            del state_dict[key]
+
+    frozen = [p for name, p in module.named_parameters() if rebuilt(name) and not p.requires_grad]
+    handle = module.register_state_dict_post_hook(prune)
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for param in frozen:
+            param.requires_grad_(False)
+
+
+class DeepSpeedZeroStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` (every argument is Lightning's: ``stage``, ``config``, offloading...)
+    whose checkpoint folders hold exactly the entries a single-file ``rdm fit`` checkpoint holds: the trained
+    roles (module state and ZeRO's optimizer shards with their float32 master weights), the generator's EMA,
+    and Lightning's state; not the frozen teacher, backbone and LoRA bases, which the module rebuilds
+    (:func:`trained_entries_only`). Resuming loads the entries the folder holds and checks that every other one
+    is rebuilt. ``rdm sample`` / ``rdm export`` read the folder through
+    :func:`rdm_lightning.distributed_checkpoints.load_from_checkpoint`.
+
+    Lightning's own strategy trains the same, but saves the frozen networks into every checkpoint (twice:
+    module state and DeepSpeed's copy of the parameters outside its optimizer); its ``exclude_frozen_parameters``
+    would also drop the EMA, which is frozen too, so it is refused here.
+    """
+
+    def setup(self, trainer) -> None:
+        if self.exclude_frozen_parameters:
+            raise ValueError("DeepSpeedZeroStrategy(exclude_frozen_parameters=True): the strategy leaves out the frozen "
+                             "networks the module rebuilds itself; DeepSpeed's flag would also drop the generator's EMA "
+                             "(frozen, but trained): leave it False")
+        super().setup(trainer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Lightning's DeepSpeed save (a folder: ``latest``, ``checkpoint/*_model_states.pt`` and
+        ``checkpoint/*_optim_states.pt``, on every rank) of the trained entries only."""
+        with trained_entries_only(self.lightning_module):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the trained entries and (when fitting) ZeRO's optimizer state of a checkpoint folder into the
+        engine, and return the rest (Lightning's loops, callbacks, schedulers, hyperparameters, the module's
+        counters) for Lightning to restore; a single file under ``load_full_weights`` as Lightning does.
+
+        Raises:
+            ValueError: the folder lacks an entry the module does not rebuild, or holds one the module does not
+                have (under ``strict_loading``, Lightning's default).
+        """
+        if self.load_full_weights and self.zero_stage_3:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.fabric.strategies.deepspeed import _validate_checkpoint_directory
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        _validate_checkpoint_directory(checkpoint_path)
+        module = self.lightning_module
+        rebuilt = getattr(module, "is_frozen_state_key", lambda key: False)
+
+        def load_trained_entries(src: dict, dst: nn.Module) -> None:
+            missing, unexpected = dst.load_state_dict(src, strict=False)
+            missing = sorted(k for k in missing if not rebuilt(k))
+            if module.strict_loading and (missing or unexpected):
+                raise ValueError(f"checkpoint {str(checkpoint_path)!r} does not fit the module: missing {missing[:4]}, "
+                                 f"unexpected {sorted(unexpected)[:4]} (a different method, role layout or EMA setting?)")
+
+        with trained_entries_only(module):
+            _, client_state = self.deepspeed_engine.load_checkpoint(
+                checkpoint_path,
+                load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
+                load_lr_scheduler_states=False,
+                custom_load_fn=load_trained_entries,
+            )
+        if client_state is None:
+            raise ValueError(f"DeepSpeed could not load {str(checkpoint_path)!r}: not a checkpoint folder DeepSpeed wrote")
+        return client_state

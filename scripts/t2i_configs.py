@@ -471,7 +471,9 @@ def trainer(family: str, method: str) -> dict:
         callbacks.append({"class_path": "rdm_lightning.callbacks.RewardHackingMonitor", "init_args": {
             "optimized": optimized, "gold": gold, "window": 3}})
     callbacks.append({"class_path": "rdm_lightning.callbacks.RunCheckpoint", "init_args": {"every_n_updates": interval}})
-    config: dict = {"accelerator": "gpu", "devices": -1, "strategy": "deepspeed_stage_2", "precision": "bf16-mixed",
+    # The library's ZeRO-2 (configs/strategy/deepspeed_zero2.yaml): per-role clipping, frozen networks out of checkpoints.
+    strategy = {"class_path": "rdm_lightning.strategies.DeepSpeedZeroStrategy", "init_args": {"stage": 2}}
+    config: dict = {"accelerator": "gpu", "devices": -1, "strategy": strategy, "precision": "bf16-mixed",
                     "max_epochs": -1, "limit_val_batches": 0}
     if group_size(family, method) > 1:
         config["use_distributed_sampler"] = False  # GroupBatchSampler gives every rank its own whole groups

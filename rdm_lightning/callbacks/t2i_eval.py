@@ -30,7 +30,6 @@ from rdm_lightning.data.prompts import load_prompts
 from rdm_lightning.evaluation.fid import FeatureStatistics, extractor_fingerprint, reference_statistics
 from rdm_lightning.evaluation.t2i import feature_extractor, image_features, reward_scores, t2i_metrics
 from rdm_lightning.methods.base import DistillationModule
-from rdm_lightning.methods.sharding import is_sharded
 from rdm_lightning.rewards.base import RewardModel
 
 ROLES = ("generator", "teacher")
@@ -240,9 +239,9 @@ class T2IEvaluation(RewardEvaluationCallback):
             if self.extractor is not None:
                 features = image_features(images, self.extractor, batch_size=len(prompts), progress=False)
                 values.setdefault("features", []).append(features.float())
-        # A sharded network's forward needs every process: a rank with fewer batches than another samples
-        # throwaway ones (never scored) until all have run as many forwards.
-        if is_sharded(pl_module.generator):
+        # A sharded network's forward (FSDP2, ZeRO-3) needs every process: a rank with fewer batches than another
+        # samples throwaway ones (never scored) until all have run as many forwards.
+        if world_size > 1:
             rounds = math.ceil(math.ceil(len(self.prompts) / self.batch_size) / world_size)
             for _ in range(rounds - len(shard)):
                 fixed_noise_samples(pl_module, self.prompts[: self.batch_size], batch_seed(self.seed, 0), role)

@@ -1,6 +1,8 @@
 """Parameter EMA as a pure function."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -9,13 +11,27 @@ def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
     """``ema ← decay·ema + (1 − decay)·live`` for every parameter and floating buffer.
 
     ``parameters()``/``buffers()`` list a tied tensor once, so it is averaged once; a tensor the EMA
-    shares with ``live`` (a frozen base under a role adapter) is left as it is.
+    shares with ``live`` (a frozen base under a role adapter) is left as it is. Under DeepSpeed ZeRO-3, which
+    partitions parameters across the processes, each pair is gathered, averaged and partitioned again
+    (:func:`zero3_gathered`): a collective then, which every process calls.
     """
     with torch.no_grad():
         pairs = list(zip(ema.parameters(), live.parameters())) + list(zip(ema.buffers(), live.buffers()))
         for ema_t, live_t in pairs:
             if ema_t.is_floating_point() and ema_t is not live_t:
-                ema_t.lerp_(live_t.to(ema_t.dtype), 1.0 - decay)
+                with zero3_gathered(ema_t, live_t):
+                    ema_t.lerp_(live_t.to(ema_t.dtype), 1.0 - decay)
+
+
+def zero3_gathered(*tensors: torch.Tensor):
+    """DeepSpeed's ``GatheredParameters`` over the ZeRO-3-partitioned ones among ``tensors`` (whole inside the
+    block; rank 0's values written back into every partition after it); a no-op context for other tensors."""
+    partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 def ema_warmup_decay(update: int, max_decay: float) -> float:

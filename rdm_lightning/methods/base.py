@@ -35,13 +35,15 @@ from rdm_lightning.methods.roles import (
     trainable_parameters,
 )
 from rdm_lightning.methods.sharding import check_same_on_every_rank, check_shardable_roles, is_sharded, shard_network
-from rdm_lightning.strategies import FSDP2Strategy
+from rdm_lightning.methods.zero import PRESETS, check_zero_config, set_step_clipping
+from rdm_lightning.strategies import DeepSpeedZeroStrategy, FSDP2Strategy
 
 TRAINABLE_ROLES = ("generator", "fake_score")
 FROZEN_PREFIXES = ("teacher.", "backbone.")
 ACCEPTED_STRATEGIES = (
     "a single device, DDP with find_unused_parameters=True (ddp_find_unused_parameters_true, configs/strategy/ddp.yaml), "
-    "DeepSpeed (deepspeed_stage_1/2/3), FSDP2 (rdm_lightning.strategies.FSDP2Strategy, configs/strategy/fsdp2.yaml)"
+    "DeepSpeed ZeRO stages 1-3 (rdm_lightning.strategies.DeepSpeedZeroStrategy, configs/strategy/deepspeed_zero2.yaml, "
+    "deepspeed_zero3.yaml; Lightning's deepspeed_stage_1/2/3), FSDP2 (rdm_lightning.strategies.FSDP2Strategy, configs/strategy/fsdp2.yaml)"
 )
 """The strategies a distillation module runs under, for the error naming a refused one."""
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -183,6 +185,7 @@ class DistillationModule(L.LightningModule):
         self.discriminator_head: nn.Module | None = None
         self.generator_ema: nn.Module | None = None
         self._frozen_role_keys: frozenset[str] | None = None
+        self._deepspeed_clips_roles = False
         self.optimizer_configs = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
         self.student = student
         self.teacher_sampling = teacher_sampling
@@ -213,8 +216,10 @@ class DistillationModule(L.LightningModule):
             # Before Lightning's model summary; networks loaded by from_pretrained arrive in eval mode.
             self.train()
         strategy = self.trainer.strategy
-        # Each backward reaches one role only; DDP must expect the other role's parameters to be unused.
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        # Each backward reaches one role only; DDP must expect the other role's parameters to be unused
+        # (DeepSpeedStrategy subclasses DDPStrategy but wraps no DDP: its engine reduces the gradients).
+        if (isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+                and not strategy._ddp_kwargs.get("find_unused_parameters", False)):
             raise ValueError(
                 "DDP needs find_unused_parameters=True for distillation (each backward updates one role): "
                 "use --trainer.strategy=ddp_find_unused_parameters_true"
@@ -233,6 +238,29 @@ class DistillationModule(L.LightningModule):
                     f"networks the checkpoint leaves out); accepted: {ACCEPTED_STRATEGIES}"
                 )
             check_shardable_roles(self.roles)
+        self._deepspeed_clips_roles = False
+        if isinstance(strategy, DeepSpeedStrategy):
+            self.setup_deepspeed(strategy)
+
+    # ---- DeepSpeed (docs/scaling.md, "DeepSpeed ZeRO-2 and ZeRO-3") --------------------------------------
+    def setup_deepspeed(self, strategy: DeepSpeedStrategy) -> None:
+        """Check that the module can train under ``strategy``'s DeepSpeed config (:func:`check_zero_config`:
+        a ZeRO stage, clipping set once) and whether the roles' ``grad_clip`` are applied
+        through DeepSpeed's own clipping. Lightning's plain ``DeepSpeedStrategy`` trains the same, but saves the
+        frozen teacher, backbone and LoRA bases into every checkpoint: a warning names the subclass that does not.
+
+        Raises:
+            ValueError: see :func:`check_zero_config`.
+        """
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        grad_clips = {role: self.optimizer_configs[role].grad_clip for role in TRAINABLE_ROLES}
+        check_zero_config(strategy.config, grad_clips)
+        self._deepspeed_clips_roles = any(clip is not None for clip in grad_clips.values())
+        if not isinstance(strategy, DeepSpeedZeroStrategy):
+            rank_zero_warn(f"{type(strategy).__name__} saves the frozen teacher, backbone and LoRA bases into every "
+                           "checkpoint (twice under ZeRO-2/3: the module state and DeepSpeed's frozen-parameter copy); "
+                           f"rdm_lightning.strategies.DeepSpeedZeroStrategy ({PRESETS}) leaves them out")
 
     def configure_model(self) -> None:
         """Under FSDP2 (:class:`~rdm_lightning.strategies.FSDP2Strategy`), shard every network over the
@@ -397,6 +425,8 @@ class DistillationModule(L.LightningModule):
         clip = self.optimizer_configs[role].grad_clip
         if clip is not None:
             self.clip_role_gradients(role, optimizer, clip)
+        elif self._deepspeed_clips_roles:  # DeepSpeed's step() would clip at the clip_grad another role set
+            set_step_clipping(optimizer, None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.role_updates[role] += 1
@@ -411,11 +441,17 @@ class DistillationModule(L.LightningModule):
         Sharded (FSDP2): here, by ``torch.nn.utils.clip_grad_norm_`` over the role's gradient shards (DTensors,
         whose norm is that of the whole gradient across ranks), so that it never rests on a precision plugin
         (Lightning's FSDP one refuses norm clipping). Otherwise Lightning's ``clip_gradients`` (the precision
-        plugin unscales fp16 gradients first; under DeepSpeed it does nothing, DeepSpeed clips by its own config).
+        plugin unscales fp16 gradients first).
+
+        DeepSpeed: its ZeRO optimizer clips inside its ``step()``, by the total norm of all its groups, which is
+        the active role's (the other role's gradients are zero); here its ``clip_grad`` is set to ``max_norm``
+        for that step (:func:`~rdm_lightning.methods.zero.set_step_clipping`).
         """
         if is_sharded(self.generator):
             grads = [p for p in self.role_parameters()[role] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        elif self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            set_step_clipping(optimizer, max_norm)
         else:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
