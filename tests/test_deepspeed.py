@@ -34,6 +34,7 @@ from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from rdm_lightning.methods.zero import check_zero_config, set_step_clipping, zero_stage
 from rdm_lightning.runs import read_checkpoint
 from rdm_lightning.strategies import DeepSpeedZeroStrategy
+from worker_records import assert_same_states, record
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
@@ -55,18 +56,6 @@ def runs(tiny_digits_teacher, tmp_path_factory) -> Path:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
-
-
-def record(runs: Path, run: str, rank: int = 0) -> dict:
-    return torch.load(runs / f"{run}_rank{rank}.pt", weights_only=False)
-
-
-def assert_same_states(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].keys() == b[name].keys(), name
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
 
 
 def make_module(teacher: Path, roles: RolesConfig = RolesConfig(), **optimizers) -> DMD:

@@ -38,6 +38,7 @@ TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
 sys.path.insert(0, str(TESTS))
 from fsdp2_worker import BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, NETWORKS  # noqa: E402
+from worker_records import assert_same_states, record  # noqa: E402
 
 WORLD_SIZE = 2
 
@@ -52,18 +53,6 @@ def runs(tiny_digits_teacher, tmp_path_factory) -> Path:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
-
-
-def record(runs: Path, run: str, rank: int) -> dict:
-    return torch.load(runs / f"{run}_rank{rank}.pt", weights_only=False)
-
-
-def assert_same_states(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].keys() == b[name].keys(), name
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
 
 
 @pytest.mark.slow
