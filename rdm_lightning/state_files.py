@@ -1,11 +1,16 @@
-"""Reading the state dict of a published weights file, and naming a few of many keys in an error message."""
+"""Reading the state dict of a published weights file, checking it against a network, building a network's
+architecture from a preset name or a dict, and naming a few of many keys in an error message."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+Config = TypeVar("Config")
 
 
 def first_sentence(error: BaseException) -> str:
@@ -91,3 +96,39 @@ def check_weights(
             raise ValueError(f"{source}: {name!r} must be a floating point tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{source}: {name!r} has shape {tuple(tensor.shape)} but {network} needs {shape}")
+
+
+def config_from_spec(
+    cls: type[Config], spec: str | Mapping[str, Any], presets: Mapping[str, Config], what: str, argument: str
+) -> Config:
+    """The dataclass config ``cls`` named by ``spec``: a preset of ``presets`` by name, or built from a dict of
+    its fields.
+
+    Args:
+        cls: The config dataclass.
+        spec: A preset name or a dict of ``cls``'s fields.
+        presets: The presets by name.
+        what: The architecture's kind, for the messages (e.g. "OpenCLIP architecture").
+        argument: The argument ``spec`` came from, for the messages.
+
+    Raises:
+        ValueError: an unknown preset name, unknown fields or missing required ones, or invalid values.
+    """
+    if isinstance(spec, str):
+        if spec not in presets:
+            raise ValueError(
+                f"unknown {what} {spec!r}; presets: {', '.join(presets)}, or pass a dict of {cls.__name__} fields"
+            )
+        return presets[spec]
+    if isinstance(spec, Mapping):
+        fields = dataclasses.fields(cls)
+        names = [field.name for field in fields]
+        unknown = sorted(set(spec) - set(names))
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in spec]
+        if unknown or missing:
+            raise ValueError(f"{what} dict has unknown fields {unknown} and lacks {missing}; fields: {', '.join(names)}")
+        return cls(**spec)
+    raise ValueError(
+        f"{argument} must be a preset name ({', '.join(presets)}) or a dict of {cls.__name__} fields, got {spec!r}"
+    )

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rdm_lightning.rewards.aesthetic import AestheticMLP
 from rdm_lightning.rewards.base import RewardModel
 from rdm_lightning.rewards.clip import clip_preprocess
-from rdm_lightning.state_files import check_weights, read_state_dict_file
+from rdm_lightning.state_files import check_weights, config_from_spec, read_state_dict_file
 
 IMAGE_REWARD_MEAN = 0.16717362830052426
 """Mean of the raw head output that ImageReward v1.0 subtracts (its ``self.mean``)."""
@@ -116,23 +116,7 @@ class BLIPVisionConfig:
         Raises:
             ValueError: an unknown preset name, unknown fields, or invalid values.
         """
-        if isinstance(architecture, str):
-            if architecture not in BLIP_VISION_PRESETS:
-                raise ValueError(
-                    f"unknown BLIP vision architecture {architecture!r}; presets: {', '.join(BLIP_VISION_PRESETS)}, "
-                    f"or pass a dict of BLIPVisionConfig fields"
-                )
-            return BLIP_VISION_PRESETS[architecture]
-        if isinstance(architecture, Mapping):
-            names = [field.name for field in dataclasses.fields(cls)]
-            unknown = sorted(set(architecture) - set(names))
-            if unknown:
-                raise ValueError(f"BLIP vision architecture dict has unknown fields {unknown}; fields: {', '.join(names)}")
-            return cls(**architecture)
-        raise ValueError(
-            f"vision_architecture must be a preset name ({', '.join(BLIP_VISION_PRESETS)}) or a dict of "
-            f"BLIPVisionConfig fields, got {architecture!r}"
-        )
+        return config_from_spec(cls, architecture, BLIP_VISION_PRESETS, "BLIP vision architecture", "vision_architecture")
 
 
 BLIP_VISION_PRESETS: dict[str, BLIPVisionConfig] = {

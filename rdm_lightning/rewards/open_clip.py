@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdm_lightning.rewards.base import RewardModel
-from rdm_lightning.state_files import check_weights, read_state_dict_file
+from rdm_lightning.state_files import check_weights, config_from_spec, read_state_dict_file
 from rdm_lightning.rewards.clip import CLIP_MEAN, CLIP_STD
 
 HPS_CHECKPOINT_SOURCE = (
@@ -140,28 +140,7 @@ class OpenCLIPConfig:
         Raises:
             ValueError: an unknown preset name, unknown or missing fields, or invalid values.
         """
-        if isinstance(architecture, str):
-            if architecture not in OPEN_CLIP_PRESETS:
-                raise ValueError(
-                    f"unknown OpenCLIP architecture {architecture!r}; presets: {', '.join(OPEN_CLIP_PRESETS)}, "
-                    f"or pass a dict of OpenCLIPConfig fields"
-                )
-            return OPEN_CLIP_PRESETS[architecture]
-        if isinstance(architecture, Mapping):
-            names = [field.name for field in dataclasses.fields(cls)]
-            unknown = sorted(set(architecture) - set(names))
-            required = [field.name for field in dataclasses.fields(cls) if field.default is dataclasses.MISSING]
-            missing = [name for name in required if name not in architecture]
-            if unknown or missing:
-                raise ValueError(
-                    f"OpenCLIP architecture dict has unknown fields {unknown} and lacks {missing}; "
-                    f"fields: {', '.join(names)}"
-                )
-            return cls(**architecture)
-        raise ValueError(
-            f"architecture must be a preset name ({', '.join(OPEN_CLIP_PRESETS)}) or a dict of "
-            f"OpenCLIPConfig fields, got {architecture!r}"
-        )
+        return config_from_spec(cls, architecture, OPEN_CLIP_PRESETS, "OpenCLIP architecture", "architecture")
 
 
 _VIT_H_14 = OpenCLIPConfig(
