@@ -34,12 +34,11 @@ from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from rdm_lightning.methods.zero import check_zero_config, set_step_clipping, zero_stage
 from rdm_lightning.runs import read_checkpoint
 from rdm_lightning.strategies import DeepSpeedZeroStrategy
+from distributed_runs import BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, WORLD_SIZE
 from worker_records import assert_same_states, record
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
-WORLD_SIZE = 2
-BUDGET, GENERATOR_CLIP, FAKE_SCORE_CLIP = 4, 1e-3, 1e6  # tests/deepspeed_worker.py's
 FUNCTION_TOLERANCE = 1e-4
 """Largest difference of a network's outputs (of magnitude ~3) between a ZeRO and the DDP training."""
 COMPARED = ("generator", "fake_score", "discriminator_head")

@@ -3,8 +3,11 @@
 The multi-process part runs once (tests/fsdp2_worker.py: a DDP fit, an FSDP2 fit, an FSDP2 fit stopped at
 half its budget and resumed), and the tests below read what each rank recorded. With two ranks both DDP's
 all-reduce and FSDP2's reduce-scatter average exactly (a/2 + b/2 and (a + b)/2 are the same floats), so
-sharded training must equal DDP's bit for bit. The rest runs in this process: the checkpoint folder read
-back without a process group, the strategy and layout checks, and the shard units.
+sharded training equals DDP's up to the rounding of the CPU kernels, which may differ on FSDP2's all-gathered
+parameters (views into one flat buffer): bit for bit on some CPUs, a few float32 ulps (1.5e-8 after 4 updates)
+on others (an AVX2 AMD EPYC), where training moved every weight by 2.6e-6 or more. Ranks agree bit for bit, and
+so does a resumed FSDP2 run with an uninterrupted one. The rest runs in this process: the checkpoint folder
+read back without a process group, the strategy and layout checks, and the shard units.
 """
 from __future__ import annotations
 
@@ -37,10 +40,9 @@ from rdm_lightning.strategies import FSDP2Strategy
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
 sys.path.insert(0, str(TESTS))
-from fsdp2_worker import BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, NETWORKS  # noqa: E402
+from distributed_runs import BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, NETWORKS, WORLD_SIZE  # noqa: E402
 from worker_records import assert_same_states, record  # noqa: E402
 
-WORLD_SIZE = 2
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_fsdp2_shards_every_network_and_trains_as_ddp(runs, tiny_digits_teacher)
     assert fsdp2[0]["role_updates"] == ddp["role_updates"] == {"generator": BUDGET, "fake_score": 2 * BUDGET - 1}
     # The gathered weights agree across ranks, and with DDP's after the same updates.
     assert_same_states(fsdp2[0]["state"], fsdp2[1]["state"])
-    assert_same_states(fsdp2[0]["state"], ddp["state"])
+    assert_same_states(fsdp2[0]["state"], ddp["state"], exact=False)
     teacher = DigitsBackbone(path=str(tiny_digits_teacher)).load_denoiser().state_dict()
     assert not all(torch.equal(teacher[k], v) for k, v in fsdp2[0]["state"]["generator"].items())
 
@@ -72,7 +74,7 @@ def test_fsdp2_shards_every_network_and_trains_as_ddp(runs, tiny_digits_teacher)
 def test_lora_roles_on_their_own_frozen_bases_shard_and_train_as_ddp(runs):
     ddp, fsdp2 = record(runs, "ddp_lora", 0), record(runs, "fsdp2_lora", 0)
     assert all(fsdp2["sharded"].values()) and fsdp2["untouched"] == [True] * (BUDGET // 2)
-    assert_same_states(fsdp2["state"], ddp["state"])
+    assert_same_states(fsdp2["state"], ddp["state"], exact=False)
     trained = [v for k, v in fsdp2["state"]["generator"].items() if ".lora_B." in k]
     assert trained and any(bool(v.abs().sum() > 0) for v in trained)  # B starts at 0: the adapter did train
 
@@ -95,7 +97,9 @@ def test_each_role_is_clipped_to_its_own_grad_clip_on_sharded_gradients(runs):
     for clip in fake_score:  # under its own, larger grad_clip nothing changes
         assert clip["max_norm"] == FAKE_SCORE_CLIP and clip["after"] == clip["before"] < FAKE_SCORE_CLIP
     # The norm clip_grad_norm_ took over the shards is the whole gradient's (DDP clips unsharded gradients).
-    assert fsdp2 == ddp
+    assert [(c["role"], c["max_norm"]) for c in fsdp2] == [(c["role"], c["max_norm"]) for c in ddp]
+    for ours, reference in zip(fsdp2, ddp):
+        assert (ours["before"], ours["after"]) == pytest.approx((reference["before"], reference["after"]), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -128,8 +132,7 @@ def test_the_checkpoint_folder_holds_trained_shards_and_loads_in_one_process(run
     resumed = record(runs, "resumed", 0)["state"]
     state = consolidated_state_dict(folder)
     assert all(torch.equal(state[f"{name}.{k}"], v) for name in NETWORKS for k, v in resumed[name].items())
-    # weights_only=False: built outside LightningCLI, the hyperparameters hold the backbone object itself.
-    module = load_from_checkpoint(DMD, folder, map_location="cpu", weights_only=False)
+    module = load_from_checkpoint(DMD, folder, map_location="cpu")
     assert module.generator_ema is not None
     assert_same_states({name: getattr(module, name).state_dict() for name in NETWORKS}, resumed)
 

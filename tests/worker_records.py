@@ -11,10 +11,17 @@ def record(runs: Path, run: str, rank: int = 0) -> dict:
     return torch.load(runs / f"{run}_rank{rank}.pt", weights_only=False)
 
 
-def assert_same_states(a: dict, b: dict) -> None:
-    """Two ``{network: state_dict}`` records hold the same networks, keys and tensors, bit for bit."""
+def assert_same_states(a: dict, b: dict, exact: bool = True) -> None:
+    """Two ``{network: state_dict}`` records hold the same networks, keys and tensors: bit for bit, or (``exact``
+    False) up to a few float32 ulps (relative 1e-6, absolute 1e-7), for the same training computed on weights in
+    another memory layout, which CPU kernels may round differently (FSDP2's all-gathered parameters are views into
+    one flat buffer)."""
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].keys() == b[name].keys(), name
         for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
+            if exact:
+                assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
+            else:
+                torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-6, atol=1e-7,
+                                           msg=lambda m, at=f"{name}.{key}": f"{at}: {m}")
