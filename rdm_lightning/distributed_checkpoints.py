@@ -108,6 +108,12 @@ def _require_deepspeed_checkpoint(path: str | Path) -> Path:
     return folder
 
 
+def deepspeed_world_size(path: str | Path) -> int:
+    """How many processes wrote the DeepSpeed checkpoint folder ``path``: its ZeRO optimizer partitions, one file
+    per data-parallel process (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``)."""
+    return len(list(_require_deepspeed_checkpoint(path).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
 def read_deepspeed_metadata(path: str | Path, weights_only: bool = False) -> dict[str, Any]:
     """Lightning's checkpoint entries (hyperparameters, loops, callbacks, LR schedulers, the module's ``rdm``
     counters) of a DeepSpeed checkpoint folder: its (rank 0) module-state file without DeepSpeed's own

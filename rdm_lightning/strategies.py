@@ -21,12 +21,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
-from rdm_lightning.distributed_checkpoints import METADATA_FILE, checkpoint_entries, is_distributed_checkpoint
+from rdm_lightning.distributed_checkpoints import (
+    METADATA_FILE,
+    checkpoint_entries,
+    deepspeed_world_size,
+    is_distributed_checkpoint,
+)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -65,7 +71,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             ValueError: ``checkpoint_path`` is not a distributed checkpoint folder, the checkpoint lacks an
                 entry the module does not rebuild, or holds one the module does not have.
         """
-        import torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -133,6 +138,27 @@ def trained_entries_only(module: nn.Module) -> Iterator[None]:
             param.requires_grad_(False)
 
 
+def keep_float32(network: nn.Module, shared_with: nn.Module) -> int:
+    """Cast ``network``'s floating parameters back to float32 after DeepSpeed's engine cast every parameter of the
+    module to bf16 or fp16, except the tensors it shares with ``shared_with`` (an EMA's frozen adapter base is the
+    generator's own). Under ZeRO-3 the partitions are cast, which the gathers then follow. Returns how many
+    parameters were cast.
+
+    The generator's EMA needs it: an averaging step ``(1 − decay)·(live − ema)`` smaller than half of bf16's
+    spacing at ``ema`` (2⁻⁸ of it) is lost, so at decay 0.99 or more a bf16 EMA stops following the generator.
+    """
+    shared = {id(p) for p in shared_with.parameters()}
+    cast = 0
+    for param in network.parameters():
+        if id(param) in shared or not param.is_floating_point() or param.dtype == torch.float32:
+            continue
+        if hasattr(param, "ds_tensor"):  # ZeRO-3: the whole tensor is gathered in its partition's dtype
+            param.ds_tensor.data = param.ds_tensor.data.float()
+        param.data = param.data.float()
+        cast += 1
+    return cast
+
+
 class DeepSpeedZeroStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` (every argument is Lightning's: ``stage``, ``config``, offloading...)
     whose checkpoint folders hold exactly the entries a single-file ``rdm fit`` checkpoint holds: the trained
@@ -141,6 +167,10 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
     (:func:`trained_entries_only`). Resuming loads the entries the folder holds and checks that every other one
     is rebuilt. ``rdm sample`` / ``rdm export`` read the folder through
     :func:`rdm_lightning.distributed_checkpoints.load_from_checkpoint`.
+
+    Under ``bf16-mixed`` (or ``16-mixed``) DeepSpeed's engine casts every parameter of the module to that dtype;
+    the generator's EMA is cast back to float32 (:func:`keep_float32`), as it is under DDP, so that it keeps
+    averaging at decays of 0.99 and above. The trained roles keep their float32 master weights in ZeRO's optimizer.
 
     Lightning's own strategy trains the same, but saves the frozen networks into every checkpoint (twice:
     module state and DeepSpeed's copy of the parameters outside its optimizer); its ``exclude_frozen_parameters``
@@ -153,6 +183,9 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
                              "networks the module rebuilds itself; DeepSpeed's flag would also drop the generator's EMA "
                              "(frozen, but trained): leave it False")
         super().setup(trainer)
+        module = self.lightning_module
+        if getattr(module, "generator_ema", None) is not None:
+            keep_float32(module.generator_ema, module.generator)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Lightning's DeepSpeed save (a folder: ``latest``, ``checkpoint/*_model_states.pt`` and
@@ -167,7 +200,8 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
 
         Raises:
             ValueError: the folder lacks an entry the module does not rebuild, or holds one the module does not
-                have (under ``strict_loading``, Lightning's default).
+                have (under ``strict_loading``, Lightning's default); or, when fitting, it was written by another
+                number of processes (ZeRO's optimizer state is split per process, and DeepSpeed cannot re-split it).
         """
         if self.load_full_weights and self.zero_stage_3:
             return super().load_checkpoint(checkpoint_path, weights_only)
@@ -176,6 +210,13 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
 
         _validate_checkpoint_directory(checkpoint_path)
         module = self.lightning_module
+        fitting = module.trainer.state.fn == TrainerFn.FITTING
+        written_by = deepspeed_world_size(checkpoint_path)
+        if fitting and written_by != self.world_size:
+            raise ValueError(f"checkpoint {str(checkpoint_path)!r} was written by {written_by} processes and this run has "
+                             f"{self.world_size}: ZeRO's optimizer state is split per process and DeepSpeed cannot split "
+                             f"it anew; resume with {written_by} processes (devices × num_nodes); its weights are read "
+                             "in one process by rdm sample, rdm evaluate and rdm export")
         rebuilt = getattr(module, "is_frozen_state_key", lambda key: False)
 
         def load_trained_entries(src: dict, dst: nn.Module) -> None:
@@ -188,7 +229,7 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
         with trained_entries_only(module):
             _, client_state = self.deepspeed_engine.load_checkpoint(
                 checkpoint_path,
-                load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
+                load_optimizer_states=fitting,
                 load_lr_scheduler_states=False,
                 custom_load_fn=load_trained_entries,
             )

@@ -11,6 +11,7 @@ their checkpoints load with ``rdm sample``'s loader.
 """
 from __future__ import annotations
 
+import shutil
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -36,13 +37,16 @@ GENERATOR_CLIP = 1e-3
 FAKE_SCORE_CLIP = 1e6
 """Large enough never to act."""
 NETWORKS = ("generator", "fake_score", "discriminator_head", "generator_ema")
+BF16_EMA_DECAY = 0.99
+"""The EMA's decay in the bf16-mixed runs: a bf16 EMA would lose most of its averaging steps."""
 TIMEOUT = timedelta(seconds=120)
 """Of the collectives."""
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of the whole tensor of an FSDP2 shard (a collective: every rank calls it), or of the tensor itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach().clone()
+    """A copy of the whole tensor of an FSDP2 shard (a collective: every rank calls it), or of the tensor itself.
+    (On a mesh of one process ``full_tensor()`` is the local tensor itself, not a copy.)"""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
 
 
 def is_partitioned(tensor: torch.Tensor) -> bool:
@@ -90,6 +94,14 @@ class RecordingDMD(DMD):
         self.clips: list[dict] = []
         self.untouched: list[bool] = []
         self.stepped: dict[int, torch.Tensor] = {}
+        self.start_state: dict[str, dict[str, torch.Tensor]] = {}
+        """Every network's whole state as training starts (after a resumed checkpoint is loaded)."""
+        self.generator_history: list[dict[str, torch.Tensor]] = []
+        """The generator's whole state after each of its updates."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.start_state = {name: whole_state(getattr(self, name)) for name in NETWORKS}
 
     @property
     def under_deepspeed(self) -> bool:
@@ -142,6 +154,14 @@ class RecordingDMD(DMD):
         if before is not None:
             after = self.frozen_during_generator_step()
             self.untouched.append(len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)))
+            self.generator_history.append(whole_state(self.generator))
+
+
+def keep_checkpoint(source: Path, destination: Path) -> None:
+    """Rank 0 copies the checkpoint (file or folder) ``source`` to ``destination``; every rank waits for it."""
+    if torch.distributed.get_rank() == 0:
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, destination)
+    torch.distributed.barrier()
 
 
 def build_module(teacher: str, budget: int, layouts: dict[str, str]) -> RecordingDMD:
@@ -172,23 +192,24 @@ def build_module(teacher: str, budget: int, layouts: dict[str, str]) -> Recordin
 
 def fit(teacher: str, out: Path, run: str, strategy, budget: int, checkpoints: Path | None = None,
         ckpt_path: Path | None = None, layouts: dict[str, str] | None = None, seed: bool = True,
-        extra_callbacks: tuple[L.Callback, ...] = (), save_at_end: bool = False) -> None:
-    """One 2-process DMD fit (EMA at decay 0.5); rank r writes ``<out>/<run>_rank<r>.pt``.
+        extra_callbacks: tuple[L.Callback, ...] = (), save_at_end: bool = False, precision: str = "32-true",
+        ema_decay: float = 0.5, devices: int = WORLD_SIZE) -> None:
+    """One DMD fit (2 processes by default) with the generator's EMA; rank r writes ``<out>/<run>_rank<r>.pt``.
 
     ``checkpoints``: a RunCheckpoint folder (every 2 updates); ``ckpt_path``: resume from it; ``layouts``: as in
     :func:`build_module`; ``seed``: seed every rank alike before building the module, as ``rdm fit`` does
     (``seed_everything``); ``extra_callbacks``: more callbacks, writing into ``<out>/<run>``; ``save_at_end``: a
-    checkpoint ``<out>/<run>.ckpt`` after the fit.
+    checkpoint ``<out>/<run>.ckpt`` after the fit; ``precision``, ``devices``: the Trainer's.
     """
     if seed:
         L.seed_everything(0, verbose=False)
     module = build_module(teacher, budget, layouts or {})
-    callbacks = [GeneratorEMA(decay=0.5), *extra_callbacks]
+    callbacks = [GeneratorEMA(decay=ema_decay), *extra_callbacks]
     if checkpoints is not None:
         callbacks.append(RunCheckpoint(every_n_updates=2, dirpath=str(checkpoints)))
     trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD_SIZE, strategy=strategy, max_epochs=-1, logger=False, callbacks=callbacks,
-        enable_checkpointing=checkpoints is not None, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=devices, strategy=strategy, precision=precision, max_epochs=-1, logger=False,
+        callbacks=callbacks, enable_checkpointing=checkpoints is not None, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out / run,
     )
     trainer.fit(module, DigitsDataModule(batch_size=8), ckpt_path=ckpt_path)
@@ -197,6 +218,10 @@ def fit(teacher: str, out: Path, run: str, strategy, budget: int, checkpoints: P
     placed = {name: list(getattr(module, name).parameters()) for name in (*NETWORKS, "teacher")}
     record = {
         "state": {name: whole_state(getattr(module, name)) for name in NETWORKS},
+        "start_state": module.start_state,
+        "generator_history": module.generator_history,
+        # of the parameters, or of their partitions under ZeRO-3
+        "dtypes": {name: {getattr(p, "ds_tensor", p).dtype for p in params} for name, params in placed.items()},
         "clips": module.clips,
         "untouched": module.untouched,
         "role_updates": dict(module.role_updates),
@@ -204,5 +229,6 @@ def fit(teacher: str, out: Path, run: str, strategy, budget: int, checkpoints: P
         "sharded": {name: isinstance(params[0], DTensor) for name, params in placed.items()},
         "partitioned": {name: any(is_partitioned(p) for p in params) for name, params in placed.items()},
         "optimizer": type(trainer.strategy.deepspeed_engine.optimizer).__name__ if module.under_deepspeed else None,
+        "cpu_offload": module.under_deepspeed and bool(getattr(trainer.strategy.deepspeed_engine.optimizer, "cpu_offload", False)),
     }
     torch.save(record, out / f"{run}_rank{trainer.global_rank}.pt")

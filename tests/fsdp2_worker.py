@@ -9,11 +9,14 @@ torchrun instead, Lightning's documented launch for it. Every fit below runs in 
 - ``ddp_lora`` / ``fsdp2_lora``: DMD with ``lora`` roles under DDP and FSDP2, half the budget;
 - ``ddp``: DMD (with GAN head and EMA) under DDP: the reference of unsharded training;
 - ``fsdp2``: the same under FSDP2Strategy, recording clipping and the inactive role at every generator step;
-- ``stopped`` / ``resumed``: FSDP2 to half the budget with a checkpoint folder, then resumed from it;
+- ``stopped`` / ``resumed``: FSDP2 to half the budget with a checkpoint folder (kept as ``stopped.ckpt``), then
+  resumed from it; with ``--one-process`` (under ``torchrun --nproc-per-node 1``), ``resumed_on_one``: the same
+  checkpoint resumed by one process;
 - ``unseeded``: FSDP2 without seeding the ranks alike, which must stop before sharding;
 - ``callbacks``: FSDP2 with SampleGrid, DigitsEvaluation and T2IEvaluation, writing into ``<out>/callbacks``.
 
-Usage: ``torchrun --nproc-per-node 2 tests/fsdp2_worker.py TEACHER_FOLDER OUT_FOLDER``
+Usage: ``torchrun --nproc-per-node 2 tests/fsdp2_worker.py TEACHER_FOLDER OUT_FOLDER``, then
+``torchrun --nproc-per-node 1 tests/fsdp2_worker.py TEACHER_FOLDER OUT_FOLDER --one-process``
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from distributed_runs import BUDGET, TIMEOUT, fit
+from distributed_runs import BUDGET, TIMEOUT, fit, keep_checkpoint
 from rdm_lightning.callbacks import DigitsEvaluation, SampleGrid, T2IEvaluation
 from rdm_lightning.data.digits import digit_prompt
 from rdm_lightning.rewards import StrokeContrastReward
@@ -46,6 +49,7 @@ def main(teacher: str, out: str) -> None:
     fit(teacher, out, "fsdp2", FSDP2Strategy(process_group_backend="gloo", timeout=TIMEOUT), BUDGET)
     checkpoints = out / "checkpoints"
     fit(teacher, out, "stopped", FSDP2Strategy(process_group_backend="gloo", timeout=TIMEOUT), BUDGET // 2, checkpoints)
+    keep_checkpoint(checkpoints / "last.ckpt", out / "stopped.ckpt")
     fit(teacher, out, "resumed", FSDP2Strategy(process_group_backend="gloo", timeout=TIMEOUT), BUDGET, checkpoints,
         ckpt_path=checkpoints / "last.ckpt")
     # The sampling callbacks under sharding: every rank runs the sharded forwards, rank 0 writes. T2IEvaluation's
@@ -59,5 +63,13 @@ def main(teacher: str, out: str) -> None:
         extra_callbacks=evaluation)
 
 
+def one_process(teacher: str, out: str) -> None:
+    """``resumed_on_one``: the 2-process ``stopped`` checkpoint resumed by one process (the shards re-split)."""
+    torch.set_num_threads(1)
+    out = Path(out)
+    fit(teacher, out, "resumed_on_one", FSDP2Strategy(process_group_backend="gloo", timeout=TIMEOUT), BUDGET,
+        out / "checkpoints_on_one", ckpt_path=out / "stopped.ckpt", devices=1)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    (one_process if sys.argv[3:] == ["--one-process"] else main)(*sys.argv[1:3])

@@ -11,6 +11,7 @@ checks, the per-role clipping plumbing, the presets, and the metadata of a check
 """
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -19,12 +20,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import nn
 
 from rdm_lightning.backbones.digits import DigitsBackbone
 from rdm_lightning.distributed_checkpoints import (
     DEEPSPEED_TAG_FILE,
+    deepspeed_state_dict,
+    deepspeed_world_size,
     is_checkpoint_folder,
     is_deepspeed_checkpoint,
     read_deepspeed_metadata,
@@ -33,8 +38,8 @@ from rdm_lightning.methods import DMD, DMDConfig, OptimizerConfig, StudentConfig
 from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from rdm_lightning.methods.zero import check_zero_config, set_step_clipping, zero_stage
 from rdm_lightning.runs import read_checkpoint
-from rdm_lightning.strategies import DeepSpeedZeroStrategy
-from distributed_runs import BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, WORLD_SIZE
+from rdm_lightning.strategies import DeepSpeedZeroStrategy, keep_float32
+from distributed_runs import BF16_EMA_DECAY, BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, WORLD_SIZE
 from worker_records import assert_same_states, record
 
 TESTS = Path(__file__).parent
@@ -52,9 +57,20 @@ def runs(tiny_digits_teacher, tmp_path_factory) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
                str(TESTS / "deepspeed_worker.py"), str(tiny_digits_teacher), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def runs_on_one(runs, tiny_digits_teacher) -> Path:
+    """``runs``, with the 2-process ``zero2_stopped`` checkpoint resumed by one process (``zero2_on_one``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               str(TESTS / "deepspeed_worker.py"), str(tiny_digits_teacher), str(runs), "--one-process"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return runs
 
 
 def make_module(teacher: Path, roles: RolesConfig = RolesConfig(), **optimizers) -> DMD:
@@ -126,15 +142,25 @@ def test_zero3_partitions_every_network_the_teacher_included_and_trains_as_ddp(r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["zero2", "zero3", "zero2_lora", "zero3_shared"])
+def test_zero2_with_the_optimizer_offloaded_to_cpu_trains_as_zero2(runs, tiny_digits_teacher):
+    ours, zero2 = record(runs, "zero2_offload"), record(runs, "zero2")
+    assert ours["cpu_offload"] and not zero2["cpu_offload"] and ours["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert ours["role_updates"] == zero2["role_updates"]
+    module = make_module(tiny_digits_teacher)
+    offloaded, reference = network_outputs(module, ours["state"]), network_outputs(module, zero2["state"])
+    assert largest_output_difference(offloaded, reference) < FUNCTION_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["zero2", "zero3", "zero2_offload", "zero2_lora", "zero3_shared"])
 def test_a_generator_step_leaves_the_fake_score_its_master_weights_and_the_teacher_untouched(runs, run):
-    budget = BUDGET if run in ("zero2", "zero3") else BUDGET // 2
+    budget = BUDGET if run in ("zero2", "zero3", "zero2_offload") else BUDGET // 2
     for rank in range(WORLD_SIZE):
         assert record(runs, run, rank)["untouched"] == [True] * budget
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["zero2", "zero3"])
+@pytest.mark.parametrize("run", ["zero2", "zero3", "zero2_offload"])
 def test_each_role_is_clipped_by_its_own_grad_clip_inside_deepspeeds_step(runs, run):
     clips, ddp = record(runs, run)["clips"], record(runs, "ddp")["clips"]
     assert [c["role"] for c in clips] == [c["role"] for c in ddp] and len(clips) == 3 * BUDGET - 1
@@ -158,12 +184,19 @@ def test_resume_from_a_deepspeed_checkpoint_folder_continues_bit_for_bit(runs, s
 
 
 @pytest.mark.slow
+def test_resuming_on_another_number_of_processes_is_refused_naming_both(runs_on_one):
+    assert deepspeed_world_size(runs_on_one / "zero2_stopped.ckpt") == WORLD_SIZE
+    error = record(runs_on_one, "zero2_on_one")["error"]
+    assert "zero2_stopped.ckpt' was written by 2 processes and this run has 1" in error
+    assert "resume with 2 processes (devices × num_nodes)" in error
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("folder", "run", "model_files"), [
     ("checkpoints/last.ckpt", "zero2_resumed", ["mp_rank_00_model_states.pt"]),
     ("zero3.ckpt", "zero3", [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(WORLD_SIZE)]),
 ])
 def test_the_checkpoint_folder_leaves_the_frozen_networks_out_and_loads_in_one_process(runs, folder, run, model_files):
-    from rdm_lightning.distributed_checkpoints import deepspeed_state_dict
     from rdm_lightning.tools import load_module
 
     folder = runs / folder
@@ -202,6 +235,60 @@ def test_lora_role_layouts_train_under_zero_as_ddp(runs, tiny_digits_teacher, ru
     assert largest_output_difference(network_outputs(module, ours["state"]), network_outputs(module, ddp["state"])) < FUNCTION_TOLERANCE
 
 
+def ema_by_hand(start: dict[str, torch.Tensor], history: list[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict:
+    """``ema ← ema + (1 − decay)·(live − ema)`` over the generator's recorded states, held in ``dtype``."""
+    ema = {k: v.to(dtype, copy=True) for k, v in start.items()}
+    for live in history:
+        for key, value in ema.items():
+            value.lerp_(live[key].to(dtype), 1.0 - BF16_EMA_DECAY)
+    return ema
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_under_bf16_the_ema_stays_float32_and_keeps_averaging(runs, stage):
+    ours = record(runs, f"zero{stage}_bf16")
+    # DeepSpeed cast every network (and under ZeRO-3 every partition) to bf16, but the EMA is float32 again.
+    assert ours["dtypes"]["generator_ema"] == {torch.float32}
+    assert all(ours["dtypes"][name] == {torch.bfloat16} for name in ("generator", "fake_score", "teacher"))
+    assert ours["partitioned"]["generator_ema"] == (stage == 3)
+    history = ours["generator_history"]
+    assert len(history) == BUDGET and all(v.dtype == torch.bfloat16 for v in history[-1].values())
+    expected = ema_by_hand(ours["start_state"]["generator_ema"], history, torch.float32)
+    assert_same_states({"generator_ema": ours["state"]["generator_ema"]}, {"generator_ema": expected})
+    # A bf16 EMA would have dropped the averaging steps below its resolution: it ends elsewhere.
+    in_bf16 = ema_by_hand(ours["start_state"]["generator_ema"], history, torch.bfloat16)
+    lost = max(float((in_bf16[k].float() - expected[k]).abs().max()) for k in expected)
+    moved = max(float((expected[k] - ours["start_state"]["generator_ema"][k]).abs().max()) for k in expected)
+    assert lost > 0.1 * moved > 0
+    # The checkpoint folder holds the float32 EMA, read back in one process as `rdm sample` reads it.
+    saved = deepspeed_state_dict(runs / f"zero{stage}_bf16.ckpt")
+    assert all(torch.equal(saved[f"generator_ema.{k}"], v) for k, v in expected.items())
+
+
+@pytest.mark.slow
+def test_under_bf16_a_shared_lora_ema_holds_its_adapter_in_float32_over_the_bf16_base(runs):
+    pytest.importorskip("peft")
+    ours = record(runs, "zero2_bf16_shared")
+    ema = ours["state"]["generator_ema"]
+    adapter = {k for k in ema if ".lora_" in k}
+    assert adapter and {ema[k].dtype for k in adapter} == {torch.float32}
+    assert {v.dtype for k, v in ema.items() if k not in adapter} == {torch.bfloat16}  # the teacher's own weights
+    expected = ema_by_hand(ours["start_state"]["generator_ema"], ours["generator_history"], torch.float32)
+    for key in adapter:
+        assert torch.equal(ema[key], expected[key]), key
+    assert any(not torch.equal(ema[k], ours["start_state"]["generator_ema"][k]) for k in adapter)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_resumes_bit_for_bit_with_its_float32_ema(runs):
+    stopped, resumed, whole = (record(runs, f"zero2_bf16{part}") for part in ("_stopped", "_resumed", ""))
+    assert stopped["role_updates"] == {"generator": BUDGET // 2, "fake_score": BUDGET - 1}
+    assert resumed["dtypes"]["generator_ema"] == {torch.float32}
+    assert all(v.dtype == torch.float32 for v in resumed["start_state"]["generator_ema"].values())
+    assert_same_states(resumed["state"], whole["state"])
+
+
 # ---- in this process: the module's DeepSpeed checks and clipping, without DeepSpeed ----------------------
 def deepspeed_strategy(cls: type = DeepSpeedZeroStrategy, config: dict | None = None) -> DeepSpeedStrategy:
     """An uninitialised DeepSpeed strategy with ``config`` (the module's checks read only its type and config)."""
@@ -213,6 +300,55 @@ def deepspeed_strategy(cls: type = DeepSpeedZeroStrategy, config: dict | None = 
 def attached(module: DMD, strategy) -> DMD:
     module._trainer = SimpleNamespace(strategy=strategy)
     return module
+
+
+def test_every_digits_network_takes_its_inputs_in_its_own_dtype(tiny_digits_teacher):
+    """Under bf16-mixed DeepSpeed's engine casts every parameter of the module to bf16, while the sampler's noise
+    stays float32 and the strategy puts the EMA back in float32: each network casts its inputs to its weights'."""
+    module = make_module(tiny_digits_teacher)
+    ema = module.enable_generator_ema()
+    backbone = module.backbone
+    cond = backbone.encode_prompts([f"a handwritten digit {i}" for i in range(4)])
+    noise = torch.Generator().manual_seed(0)
+    x_t, level = torch.randn(4, 1, 8, 8, generator=noise), torch.full((4,), 0.5)
+    reference = backbone.predict_x0(module.generator, x_t, level, cond)
+    reference_logits = module.discriminator_head(backbone.features(module.fake_score, x_t, level, cond))
+    for network in (module.generator, module.fake_score, module.discriminator_head, module.teacher, backbone):
+        network.bfloat16()
+    bf16_cond = backbone.encode_prompts([f"a handwritten digit {i}" for i in range(4)])
+    assert bf16_cond.tensors["text"].dtype == torch.bfloat16
+    assert torch.equal(backbone.predict_x0(ema, x_t, level, cond), reference)  # float32 weights, float32 inputs
+    assert backbone.predict_x0(ema, x_t, level, bf16_cond).dtype == torch.float32
+    x0 = backbone.predict_x0(module.generator, x_t, level, bf16_cond)
+    assert x0.dtype == torch.float32 and torch.allclose(x0, reference, atol=0.1) and not torch.equal(x0, reference)
+    logits = module.discriminator_head(backbone.features(module.fake_score, x_t, level, bf16_cond))
+    assert logits.dtype == torch.bfloat16 and torch.allclose(logits.float(), reference_logits, atol=0.05)
+
+
+def test_keep_float32_casts_back_every_parameter_but_the_shared_ones():
+    base = nn.Linear(3, 3)
+    live, ema = nn.Sequential(base, nn.Linear(3, 2)), nn.Sequential(base, nn.Linear(3, 2))
+    partition = torch.randn(2, dtype=torch.bfloat16)
+    ema[1].bias.ds_tensor = partition  # as ZeRO-3 partitions it: its gathers follow the partition's dtype
+    for module in (live, ema):
+        module.bfloat16()
+    values = [p.detach().clone() for p in ema[1].parameters()]
+    assert keep_float32(ema, live) == 2
+    assert [p.dtype for p in ema[1].parameters()] == [torch.float32] * 2
+    assert all(torch.equal(p, v.float()) for p, v in zip(ema[1].parameters(), values))  # bf16 → float32 is exact
+    assert ema[1].bias.ds_tensor.dtype == torch.float32 and torch.equal(ema[1].bias.ds_tensor, partition.float())
+    assert base.weight.dtype == torch.bfloat16  # the generator's own tensor stays as the engine holds it
+    assert keep_float32(ema, live) == 0
+
+def test_an_offloaded_optimizer_must_be_left_to_the_module():
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ValueError, match=r"offload_optimizer.device='cpu' with zero_force_ds_cpu_optimizer=True: "
+                                         r"DeepSpeed would demand its own CPU Adam.*set zero_force_ds_cpu_optimizer: false"):
+        check_zero_config(config, {"generator": 0.5, "fake_score": None})
+    check_zero_config({**config, "zero_force_ds_cpu_optimizer": False}, {"generator": 0.5, "fake_score": None})
+    check_zero_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, {"generator": 0.5})
+    preset = yaml.safe_load((CONFIGS / "strategy" / "deepspeed_zero2_offload.yaml").read_text())
+    check_zero_config(preset["trainer"]["strategy"]["init_args"]["config"], {"generator": 0.5, "fake_score": 1.0})
 
 
 def test_clipping_set_twice_is_refused_naming_both_values():
@@ -307,6 +443,13 @@ def test_the_deepspeed_presets_are_second_configs(capsys, monkeypatch):
         printed = capsys.readouterr().out
         assert "class_path: rdm_lightning.strategies.DeepSpeedZeroStrategy" in printed
         assert f"stage: {stage}" in printed and "deepspeed_stage_2" not in printed
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "sdxl" / "dmd.yaml"),
+              "--config", str(CONFIGS / "strategy" / "deepspeed_zero2_offload.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    # jsonargparse prints the parsed config dict as the string of a Python literal
+    config = ast.literal_eval(yaml.safe_load(printed)["trainer"]["strategy"]["init_args"]["config"])
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and config["zero_force_ds_cpu_optimizer"] is False
 
 
 def test_a_deepspeed_folder_is_a_checkpoint_folder_whose_metadata_is_lightnings_state(tmp_path):

@@ -57,6 +57,17 @@ def runs(tiny_digits_teacher, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def runs_on_one(runs, tiny_digits_teacher) -> Path:
+    """``runs``, with the 2-process ``stopped`` checkpoint resumed by one process (``resumed_on_one``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               str(TESTS / "fsdp2_worker.py"), str(tiny_digits_teacher), str(runs), "--one-process"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return runs
+
+
 @pytest.mark.slow
 def test_fsdp2_shards_every_network_and_trains_as_ddp(runs, tiny_digits_teacher):
     ddp, fsdp2 = record(runs, "ddp", 0), [record(runs, "fsdp2", rank) for rank in range(WORLD_SIZE)]
@@ -110,6 +121,16 @@ def test_resume_from_a_distributed_checkpoint_continues_bit_for_bit(runs):
     assert_same_states(resumed["state"], record(runs, "fsdp2", 0)["state"])
     # The resumed fit recorded only its own updates: it did not re-run the stopped ones.
     assert len(resumed["untouched"]) == BUDGET - BUDGET // 2
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs_on_one):
+    stopped, resumed = record(runs_on_one, "stopped", 0), record(runs_on_one, "resumed_on_one", 0)
+    assert resumed["world_size"] == 1 and all(resumed["sharded"].values())
+    # torch.distributed.checkpoint splits the 2 processes' shards anew: every network resumes exactly as saved.
+    assert_same_states(resumed["start_state"], stopped["state"])
+    assert resumed["role_updates"] == {"generator": BUDGET, "fake_score": 2 * BUDGET - 1}
+    assert len(resumed["untouched"]) == BUDGET - BUDGET // 2 and all(resumed["untouched"])
 
 
 @pytest.mark.slow

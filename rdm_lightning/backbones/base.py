@@ -51,6 +51,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def network_dtype(network: nn.Module) -> torch.dtype:
+    """dtype of the network's weights, which its inputs must match outside autocast (the first parameter's: read
+    through ``parameters()``, which under DeepSpeed ZeRO-3 neither gathers nor claims a partitioned weight)."""
+    return next(network.parameters()).dtype
+
+
 def require_path(path: str | Path, what: str) -> Path:
     """``path`` as a Path, or a FileNotFoundError naming it and what it should hold."""
     path = Path(path).expanduser()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from rdm_lightning.backbones.base import Backbone, Conditioning, require_path
+from rdm_lightning.backbones.base import Backbone, Conditioning, network_dtype, require_path
 from rdm_lightning.cache import cache_dir
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule, NoiseSchedule, VPSchedule, vp_alphas_cumprod
@@ -133,7 +133,8 @@ class DigitsDenoiser(nn.Module):
         self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
 
     def embedding(self, timestep: Tensor, text: Tensor) -> Tensor:
-        return F.silu(self.time_mlp(timestep_embedding(timestep, self.emb_dim)) + self.text_proj(text))
+        """The block's FiLM embedding; in ``text``'s dtype, which the backbone casts to the network's."""
+        return F.silu(self.time_mlp(timestep_embedding(timestep, self.emb_dim).to(text.dtype)) + self.text_proj(text))
 
     gradient_checkpointing = False
     """Whether each residual block recomputes its activations in the backward pass (while training)."""
@@ -228,11 +229,13 @@ class DigitsBackbone(Backbone):
         return Conditioning({"text": text})
 
     def network_output(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
-        return network(x_t, self.schedule.model_timestep(level).to(x_t.device), cond.tensors["text"])
+        dtype = network_dtype(network)  # bfloat16 where DeepSpeed casts the networks under bf16-mixed
+        return network(x_t.to(dtype), self.schedule.model_timestep(level).to(x_t.device), cond.tensors["text"].to(dtype))
 
     def features(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
-        emb = network.embedding(self.schedule.model_timestep(level).to(x_t.device), cond.tensors["text"])
-        return network.bottleneck(x_t, emb)[1]
+        dtype = network_dtype(network)
+        emb = network.embedding(self.schedule.model_timestep(level).to(x_t.device), cond.tensors["text"].to(dtype))
+        return network.bottleneck(x_t.to(dtype), emb)[1]
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

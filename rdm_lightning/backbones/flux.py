@@ -18,9 +18,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from torch import Tensor, nn
 from transformers import CLIPTextModel, T5EncoderModel
 
-from rdm_lightning.backbones.base import Conditioning
+from rdm_lightning.backbones.base import Conditioning, network_dtype
 from rdm_lightning.backbones.sd3 import SIGMA_TOLERANCE, SD3Backbone, flow_schedule_for
-from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for, network_dtype
+from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule
 

@@ -35,9 +35,9 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoProcessor, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
-from rdm_lightning.backbones.base import Conditioning
+from rdm_lightning.backbones.base import Conditioning, network_dtype
 from rdm_lightning.backbones.flux import flux_scheduler_for
-from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
+from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule
 

@@ -21,9 +21,9 @@ from diffusers import (
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from rdm_lightning.backbones.base import Conditioning
+from rdm_lightning.backbones.base import Conditioning, network_dtype
 from rdm_lightning.backbones.sd3 import flow_schedule_for
-from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
+from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels
 from rdm_lightning.backbones.flux import flux_scheduler_for
 from rdm_lightning.core.dmd import classifier_free_guidance
 from rdm_lightning.core.parameterization import Prediction

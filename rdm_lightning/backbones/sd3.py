@@ -10,13 +10,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from rdm_lightning.backbones.base import Conditioning
-from rdm_lightning.backbones.stable_diffusion import (
-    DiffusersBackbone,
-    check_levels,
-    config_for,
-    network_dtype,
-)
+from rdm_lightning.backbones.base import Conditioning, network_dtype
+from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, config_for
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule, flux_mu, shift_sigmas
 

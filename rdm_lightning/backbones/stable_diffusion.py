@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, LCMSchedu
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-from rdm_lightning.backbones.base import Backbone, Conditioning, require_path, torch_dtype
+from rdm_lightning.backbones.base import Backbone, Conditioning, network_dtype, require_path, torch_dtype
 from rdm_lightning.backbones.embedding_cache import EmbeddingCache, component_fingerprint
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import VPSchedule
@@ -50,11 +50,6 @@ def resolve_pipeline_folder(path: str, variant: str | None, local_files_only: bo
         raise FileNotFoundError(
             f"diffusers pipeline folder not found at {path!r}: not a local folder, nor a hub id in {where} ({err})"
         ) from err
-
-
-def network_dtype(network: nn.Module) -> torch.dtype:
-    """dtype of the network's weights, which its inputs must match outside autocast."""
-    return next(network.parameters()).dtype
 
 
 def freeze(module: nn.Module) -> nn.Module:

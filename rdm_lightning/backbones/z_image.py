@@ -14,10 +14,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 from torch import Tensor, nn
 from transformers import Qwen3ForCausalLM, Qwen3Model
 
-from rdm_lightning.backbones.base import Conditioning
+from rdm_lightning.backbones.base import Conditioning, network_dtype
 from rdm_lightning.backbones.flux import flux_scheduler_for
 from rdm_lightning.backbones.sd3 import flow_schedule_for
-from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels, network_dtype
+from rdm_lightning.backbones.stable_diffusion import DiffusersBackbone, check_levels
 from rdm_lightning.core.parameterization import Prediction
 from rdm_lightning.core.schedules import FlowSchedule
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rdm_lightning.backbones.base import Backbone, Conditioning
+from rdm_lightning.backbones.base import Backbone, Conditioning, network_dtype
 from rdm_lightning.core.dmd import dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss
 from rdm_lightning.core.sampling import backward_simulation_input, few_step_sample
 from rdm_lightning.core.stochastic import Trajectory
@@ -166,7 +166,8 @@ class DiscriminatorHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.net(features.float()).flatten(1).mean(1)
+        # In the head's own dtype: float32 beside a bf16 teacher, bf16 where DeepSpeed casts every network.
+        return self.net(features.to(network_dtype(self))).flatten(1).mean(1)
 
 
 class DMD(DistillationModule):

@@ -16,6 +16,7 @@ ZERO_STAGES = (1, 2, 3)
 """ZeRO stages a distillation module trains under (stage 0, plain data parallelism, clips only by the config)."""
 PRESETS = "configs/strategy/deepspeed_zero2.yaml, configs/strategy/deepspeed_zero3.yaml"
 """The strategy presets, for the errors."""
+OFFLOAD_PRESET = "configs/strategy/deepspeed_zero2_offload.yaml"
 
 
 def zero_stage(config: Mapping) -> int:
@@ -24,16 +25,31 @@ def zero_stage(config: Mapping) -> int:
     return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
 
 
+def offloaded_optimizer(config: Mapping) -> str | None:
+    """Where the DeepSpeed ``config`` offloads the optimizer (``cpu`` or ``nvme``); ``None`` when it does not."""
+    zero = config.get("zero_optimization")
+    offload = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
+    device = offload.get("device", "none") if isinstance(offload, Mapping) else "none"
+    return None if device in (None, "none") else str(device)
+
+
 def check_zero_config(config: Mapping, grad_clips: Mapping[str, float | None]) -> None:
     """A ValueError unless a distillation module can train under the DeepSpeed ``config``: a ZeRO stage in
-    :data:`ZERO_STAGES`, and clipping set once (the config's ``gradient_clipping`` or the roles' ``grad_clip``,
-    ``grad_clips`` by role, never both). Every role layout trains under every stage (ZeRO-3 partitions each
-    parameter on its own and gathers it for the module that runs it, a ``shared_lora`` role's base, the
-    teacher's own weights, included)."""
+    :data:`ZERO_STAGES`, clipping set once (the config's ``gradient_clipping`` or the roles' ``grad_clip``,
+    ``grad_clips`` by role, never both), and an offloaded optimizer left to the module (DeepSpeed's own CPU Adam
+    cannot step one role at a time: ``zero_force_ds_cpu_optimizer: false``). Every role layout trains under
+    every stage (ZeRO-3 partitions each parameter on its own and gathers it for the module that runs it, a
+    ``shared_lora`` role's base, the teacher's own weights, included)."""
     stage = zero_stage(config)
     if stage not in ZERO_STAGES:
         raise ValueError(f"DeepSpeed ZeRO stage {stage}: a distillation module trains under ZeRO stages {ZERO_STAGES} "
                          f"(their optimizer clips each role by its own grad_clip); use {PRESETS}")
+    offload = offloaded_optimizer(config)
+    if offload is not None and config.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ValueError(f"zero_optimization.offload_optimizer.device={offload!r} with zero_force_ds_cpu_optimizer="
+                         f"{config.get('zero_force_ds_cpu_optimizer', True)!r}: DeepSpeed would demand its own CPU Adam, "
+                         "which cannot step one role at a time; set zero_force_ds_cpu_optimizer: false in the DeepSpeed "
+                         f"config so that the offloaded master weights are stepped by the role-aware AdamW ({OFFLOAD_PRESET})")
     configured = float(config.get("gradient_clipping") or 0.0)
     clipped = {f"{role}_optimizer.grad_clip": clip for role, clip in grad_clips.items() if clip is not None}
     if configured > 0 and clipped:
