@@ -133,7 +133,8 @@ class DigitsDenoiser(nn.Module):
         self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
 
     def embedding(self, timestep: Tensor, text: Tensor) -> Tensor:
-        """The block's FiLM embedding; in ``text``'s dtype, which the backbone casts to the network's."""
+        """The embedding of the timestep and text that every block's FiLM reads; in ``text``'s dtype, which the
+        backbone casts to the network's."""
         return F.silu(self.time_mlp(timestep_embedding(timestep, self.emb_dim).to(text.dtype)) + self.text_proj(text))
 
     gradient_checkpointing = False

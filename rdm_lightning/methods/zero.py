@@ -17,6 +17,7 @@ ZERO_STAGES = (1, 2, 3)
 PRESETS = "configs/strategy/deepspeed_zero2.yaml, configs/strategy/deepspeed_zero3.yaml"
 """The strategy presets, for the errors."""
 OFFLOAD_PRESET = "configs/strategy/deepspeed_zero2_offload.yaml"
+"""The preset that offloads the optimizer, for the errors."""
 
 
 def zero_stage(config: Mapping) -> int:
