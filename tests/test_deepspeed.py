@@ -340,6 +340,7 @@ def test_keep_float32_casts_back_every_parameter_but_the_shared_ones():
     assert base.weight.dtype == torch.bfloat16  # the generator's own tensor stays as the engine holds it
     assert keep_float32(ema, live) == 0
 
+
 def test_an_offloaded_optimizer_must_be_left_to_the_module():
     config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(ValueError, match=r"offload_optimizer.device='cpu' with zero_force_ds_cpu_optimizer=True: "
