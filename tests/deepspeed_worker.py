@@ -21,6 +21,8 @@ Every fit runs in the same two processes (one process group), and each rank writ
 - ``ddp_shared`` / ``zero3_shared``: a ``shared_lora`` fake score (an adapter on the teacher's own weights) under
   DDP and ZeRO-3, half the budget;
 - ``zero2_offload``: ZeRO-2 with the optimizer offloaded to CPU memory (configs/strategy/deepspeed_zero2_offload.yaml);
+  ``zero3_offload``: ZeRO-3 with the parameters and the optimizer offloaded (deepspeed_zero3_offload.yaml), half
+  the budget;
 - ``zero2_bf16`` / ``zero3_bf16``: ``bf16-mixed`` (DeepSpeed casts every network to bf16) with an EMA at decay
   0.99, each with a checkpoint folder at the end; ``zero2_bf16_shared``: the same with a ``shared_lora`` generator
   (its EMA averages the adapter over the teacher's bf16 weights); ``zero2_bf16_stopped`` / ``zero2_bf16_resumed``: ZeRO-2 bf16
@@ -86,6 +88,9 @@ def main(teacher: str, out: str) -> None:
     fit(teacher, out, "zero2_lora", zero_strategy(2), BUDGET // 2, layouts=lora)
     fit(teacher, out, "zero3_shared", zero_strategy(3), BUDGET // 2, layouts=shared)
     fit(teacher, out, "zero2_offload", zero_strategy(2, preset_config("deepspeed_zero2_offload")), BUDGET)
+    zero3_offload = preset_config("deepspeed_zero3_offload")
+    zero3_offload["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # as zero_strategy(3)
+    fit(teacher, out, "zero3_offload", zero_strategy(3, zero3_offload), BUDGET // 2)
     bf16 = {"precision": "bf16-mixed", "ema_decay": BF16_EMA_DECAY}
     for stage in (2, 3):
         fit(teacher, out, f"zero{stage}_bf16", zero_strategy(stage), BUDGET, save_at_end=True, **bf16)

@@ -83,6 +83,14 @@ def zero_masters(optimizer, role: str) -> list[torch.Tensor]:
     return tensors
 
 
+def offloaded(optimizer) -> set[str]:
+    """What DeepSpeed's ZeRO ``optimizer`` keeps in CPU memory: ``optimizer`` (its master weights and moments),
+    ``parameters`` (ZeRO-3's partitions)."""
+    flags = {"optimizer": getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False),
+             "parameters": getattr(optimizer, "offload_param", False)}
+    return {name for name, on in flags.items() if on}
+
+
 class RecordingDMD(DMD):
     """DMD that records each role's clipping and, at each generator step, whether the fake score, its GAN head,
     their optimizer state and the teacher stayed bit-identical (see the module docstring). Under DeepSpeed,
@@ -229,6 +237,6 @@ def fit(teacher: str, out: Path, run: str, strategy, budget: int, checkpoints: P
         "sharded": {name: isinstance(params[0], DTensor) for name, params in placed.items()},
         "partitioned": {name: any(is_partitioned(p) for p in params) for name, params in placed.items()},
         "optimizer": type(trainer.strategy.deepspeed_engine.optimizer).__name__ if module.under_deepspeed else None,
-        "cpu_offload": module.under_deepspeed and bool(getattr(trainer.strategy.deepspeed_engine.optimizer, "cpu_offload", False)),
+        "offloaded": offloaded(trainer.strategy.deepspeed_engine.optimizer) if module.under_deepspeed else set(),
     }
     torch.save(record, out / f"{run}_rank{trainer.global_rank}.pt")

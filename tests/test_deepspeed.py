@@ -144,7 +144,7 @@ def test_zero3_partitions_every_network_the_teacher_included_and_trains_as_ddp(r
 @pytest.mark.slow
 def test_zero2_with_the_optimizer_offloaded_to_cpu_trains_as_zero2(runs, tiny_digits_teacher):
     ours, zero2 = record(runs, "zero2_offload"), record(runs, "zero2")
-    assert ours["cpu_offload"] and not zero2["cpu_offload"] and ours["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert ours["offloaded"] == {"optimizer"} and not zero2["offloaded"] and ours["optimizer"] == "DeepSpeedZeroOptimizer"
     assert ours["role_updates"] == zero2["role_updates"]
     module = make_module(tiny_digits_teacher)
     offloaded, reference = network_outputs(module, ours["state"]), network_outputs(module, zero2["state"])
@@ -152,7 +152,17 @@ def test_zero2_with_the_optimizer_offloaded_to_cpu_trains_as_zero2(runs, tiny_di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["zero2", "zero3", "zero2_offload", "zero2_lora", "zero3_shared"])
+def test_zero3_with_parameters_and_optimizer_offloaded_to_cpu_trains_as_zero3(runs, tiny_digits_teacher):
+    ours, zero3 = record(runs, "zero3_offload"), record(runs, "zero3_stopped")  # both BUDGET // 2
+    assert ours["offloaded"] == {"optimizer", "parameters"} and ours["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert all(ours["partitioned"].values()) and ours["role_updates"] == zero3["role_updates"]
+    module = make_module(tiny_digits_teacher)
+    offloaded, reference = network_outputs(module, ours["state"]), network_outputs(module, zero3["state"])
+    assert largest_output_difference(offloaded, reference) < FUNCTION_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["zero2", "zero3", "zero2_offload", "zero3_offload", "zero2_lora", "zero3_shared"])
 def test_a_generator_step_leaves_the_fake_score_its_master_weights_and_the_teacher_untouched(runs, run):
     budget = BUDGET if run in ("zero2", "zero3", "zero2_offload") else BUDGET // 2
     for rank in range(WORLD_SIZE):
@@ -348,8 +358,9 @@ def test_an_offloaded_optimizer_must_be_left_to_the_module():
         check_zero_config(config, {"generator": 0.5, "fake_score": None})
     check_zero_config({**config, "zero_force_ds_cpu_optimizer": False}, {"generator": 0.5, "fake_score": None})
     check_zero_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, {"generator": 0.5})
-    preset = yaml.safe_load((CONFIGS / "strategy" / "deepspeed_zero2_offload.yaml").read_text())
-    check_zero_config(preset["trainer"]["strategy"]["init_args"]["config"], {"generator": 0.5, "fake_score": 1.0})
+    for name in ("deepspeed_zero2_offload", "deepspeed_zero3_offload"):
+        preset = yaml.safe_load((CONFIGS / "strategy" / f"{name}.yaml").read_text())
+        check_zero_config(preset["trainer"]["strategy"]["init_args"]["config"], {"generator": 0.5, "fake_score": 1.0})
 
 
 def test_clipping_set_twice_is_refused_naming_both_values():
