@@ -37,10 +37,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from lightning.pytorch.strategies import DDPStrategy
 
-from distributed_runs import BF16_EMA_DECAY, BUDGET, TIMEOUT, WORLD_SIZE, fit, keep_checkpoint
+from distributed_runs import BF16_EMA_DECAY, BUDGET, TIMEOUT, WORLD_SIZE, fit, keep_checkpoint, preset_config
 from rdm_lightning.strategies import DeepSpeedZeroStrategy
 
 class CPUDeepSpeedZeroStrategy(DeepSpeedZeroStrategy):
@@ -59,12 +58,6 @@ def zero_strategy(stage: int, config: dict | None = None, world_size: int = WORL
                   "zero_allow_untested_optimizer": True}  # RoleAwareAdamW: "untested" by DeepSpeed
     return CPUDeepSpeedZeroStrategy(stage=stage, config=config, process_group_backend="gloo", timeout=TIMEOUT,
                                     parallel_devices=[torch.device("cpu", i) for i in range(world_size)])
-
-
-def preset_config(name: str) -> dict:
-    """The DeepSpeed config of the strategy preset ``configs/strategy/<name>.yaml``."""
-    preset = yaml.safe_load((Path(__file__).parents[1] / "configs" / "strategy" / f"{name}.yaml").read_text())
-    return preset["trainer"]["strategy"]["init_args"]["config"]
 
 
 def main(teacher: str, out: str) -> None:

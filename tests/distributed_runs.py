@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
@@ -163,6 +164,12 @@ class RecordingDMD(DMD):
             after = self.frozen_during_generator_step()
             self.untouched.append(len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)))
             self.generator_history.append(whole_state(self.generator))
+
+
+def preset_config(name: str) -> dict:
+    """The DeepSpeed config of the strategy preset ``configs/strategy/<name>.yaml``."""
+    preset = yaml.safe_load((Path(__file__).parents[1] / "configs" / "strategy" / f"{name}.yaml").read_text())
+    return preset["trainer"]["strategy"]["init_args"]["config"]
 
 
 def keep_checkpoint(source: Path, destination: Path) -> None:

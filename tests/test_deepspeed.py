@@ -12,8 +12,6 @@ checks, the per-role clipping plumbing, the presets, and the metadata of a check
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,8 +37,8 @@ from rdm_lightning.methods.roles import RoleConfig, RolesConfig
 from rdm_lightning.methods.zero import check_zero_config, set_step_clipping, zero_stage
 from rdm_lightning.runs import read_checkpoint
 from rdm_lightning.strategies import DeepSpeedZeroStrategy, keep_float32
-from distributed_runs import BF16_EMA_DECAY, BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, WORLD_SIZE
-from worker_records import assert_same_states, record
+from distributed_runs import BF16_EMA_DECAY, BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, WORLD_SIZE, preset_config
+from worker_records import assert_same_states, record, run_worker
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
@@ -54,22 +52,16 @@ def runs(tiny_digits_teacher, tmp_path_factory) -> Path:
     """The folder the two torchrun processes wrote their records (``<run>_rank<r>.pt``) and checkpoints into."""
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("deepspeed_runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-               str(TESTS / "deepspeed_worker.py"), str(tiny_digits_teacher), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_worker(TESTS / "deepspeed_worker.py", WORLD_SIZE, str(tiny_digits_teacher), str(out), timeout=500,
+               DS_ACCELERATOR="cpu")
     return out
 
 
 @pytest.fixture(scope="module")
 def runs_on_one(runs, tiny_digits_teacher) -> Path:
     """``runs``, with the 2-process ``zero2_stopped`` checkpoint resumed by one process (``zero2_on_one``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               str(TESTS / "deepspeed_worker.py"), str(tiny_digits_teacher), str(runs), "--one-process"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_worker(TESTS / "deepspeed_worker.py", 1, str(tiny_digits_teacher), str(runs), "--one-process", timeout=200,
+               DS_ACCELERATOR="cpu")
     return runs
 
 
@@ -359,8 +351,7 @@ def test_an_offloaded_optimizer_must_be_left_to_the_module():
     check_zero_config({**config, "zero_force_ds_cpu_optimizer": False}, {"generator": 0.5, "fake_score": None})
     check_zero_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, {"generator": 0.5})
     for name in ("deepspeed_zero2_offload", "deepspeed_zero3_offload"):
-        preset = yaml.safe_load((CONFIGS / "strategy" / f"{name}.yaml").read_text())
-        check_zero_config(preset["trainer"]["strategy"]["init_args"]["config"], {"generator": 0.5, "fake_score": 1.0})
+        check_zero_config(preset_config(name), {"generator": 0.5, "fake_score": 1.0})
 
 
 def test_clipping_set_twice_is_refused_naming_both_values():

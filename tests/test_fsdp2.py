@@ -12,8 +12,6 @@ read back without a process group, the strategy and layout checks, and the shard
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +39,7 @@ TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
 sys.path.insert(0, str(TESTS))
 from distributed_runs import BUDGET, FAKE_SCORE_CLIP, GENERATOR_CLIP, NETWORKS, WORLD_SIZE  # noqa: E402
-from worker_records import assert_same_states, record  # noqa: E402
+from worker_records import assert_same_states, record, run_worker  # noqa: E402
 
 
 
@@ -49,22 +47,14 @@ from worker_records import assert_same_states, record  # noqa: E402
 def runs(tiny_digits_teacher, tmp_path_factory) -> Path:
     """The folder the two torchrun processes wrote their records (``<run>_rank<r>.pt``) and checkpoints into."""
     out = tmp_path_factory.mktemp("fsdp2_runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-               str(TESTS / "fsdp2_worker.py"), str(tiny_digits_teacher), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_worker(TESTS / "fsdp2_worker.py", WORLD_SIZE, str(tiny_digits_teacher), str(out), timeout=400)
     return out
 
 
 @pytest.fixture(scope="module")
 def runs_on_one(runs, tiny_digits_teacher) -> Path:
     """``runs``, with the 2-process ``stopped`` checkpoint resumed by one process (``resumed_on_one``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               str(TESTS / "fsdp2_worker.py"), str(tiny_digits_teacher), str(runs), "--one-process"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_worker(TESTS / "fsdp2_worker.py", 1, str(tiny_digits_teacher), str(runs), "--one-process", timeout=200)
     return runs
 
 

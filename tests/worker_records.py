@@ -1,9 +1,23 @@
-"""Reading what the 2-process workers (tests/fsdp2_worker.py, tests/deepspeed_worker.py) wrote, and comparing it."""
+"""Launching the 2-process workers (tests/fsdp2_worker.py, tests/deepspeed_worker.py), reading what they wrote,
+and comparing it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+
+def run_worker(worker: Path, processes: int, *args: str, timeout: float, **env: str) -> None:
+    """``torchrun --nproc-per-node <processes> <worker> <args>`` (one thread per process, warnings off, ``env``
+    added); fails with the end of its output unless it exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(worker), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 def record(runs: Path, run: str, rank: int = 0) -> dict:
