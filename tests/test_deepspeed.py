@@ -472,5 +472,12 @@ def test_a_deepspeed_folder_is_a_checkpoint_folder_whose_metadata_is_lightnings_
     assert is_deepspeed_checkpoint(folder) and is_checkpoint_folder(folder)
     assert read_deepspeed_metadata(folder) == lightning_state
     assert read_checkpoint(folder) == lightning_state
+    # The number of processes that wrote it: one ZeRO optimizer partition each (bf16_ under bf16).
+    assert deepspeed_world_size(folder) == 0
+    for rank in range(3):
+        torch.save({}, folder / "checkpoint" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    assert deepspeed_world_size(folder) == 3
     with pytest.raises(ValueError, match=r"is not a DeepSpeed checkpoint folder \(one with latest"):
         read_deepspeed_metadata(tmp_path)
+    with pytest.raises(ValueError, match=r"is not a DeepSpeed checkpoint folder"):
+        deepspeed_world_size(tmp_path)
